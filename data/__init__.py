@@ -1,0 +1,1 @@
+"""Data sets, decoding, canonicalisation and augmentation for unmask."""

@@ -1,0 +1,119 @@
+"""Canonicalisation: bring every image to the same geometry and the same encoding.
+
+Real-world face sets leak their class through the file (PNG reals vs JPEG fakes, JPEG
+quality tables, grayscale-only sources, resolution by source). Canonicalising every image
+the same way, whatever its class, takes those shortcuts away:
+
+1. a common resize policy (short side to ``size``, area filter down / bilinear up),
+2. a crop to ``size x size`` (random, after a small random rescale, in training, so old
+   8x8 JPEG grids do not stay aligned; centred in evaluation),
+3. a JPEG re-encode of *every* image with PIL (random quality in training, fixed in
+   evaluation), so the container and its quantisation tables say nothing about the label,
+4. optional grayscale on both classes (training only).
+"""
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+RESIZE_POLICIES = ("short_side", "square", "none")
+
+
+def resize_image(arr: np.ndarray, size: int, policy: str = "short_side") -> np.ndarray:
+    """Deterministic resize (cacheable). ``short_side``: keep aspect, short side = size."""
+    if policy not in RESIZE_POLICIES:
+        raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
+    if policy == "none":
+        return arr
+    h, w = arr.shape[:2]
+    if policy == "square":
+        new_w, new_h = size, size
+    else:
+        scale = size / min(h, w)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) == (w, h):
+        return arr
+    # Pinned filters: area when shrinking (no aliasing), bilinear when enlarging.
+    interp = cv2.INTER_AREA if new_w * new_h < w * h else cv2.INTER_LINEAR
+    return cv2.resize(arr, (new_w, new_h), interpolation=interp)
+
+
+def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
+    """Encode and decode with PIL at ``quality`` (4:2:0, the PIL default)."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
+    buf.seek(0)
+    with Image.open(buf) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _crop(arr: np.ndarray, size: int, random_position: bool) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h < size or w < size:  # only after policy "none" on a small image
+        arr = cv2.resize(arr, (max(w, size), max(h, size)), interpolation=cv2.INTER_LINEAR)
+        h, w = arr.shape[:2]
+    if random_position:
+        top, left = random.randint(0, h - size), random.randint(0, w - size)
+    else:
+        top, left = (h - size) // 2, (w - size) // 2
+    return arr[top : top + size, left : left + size]
+
+
+@dataclass
+class Canonicalizer:
+    """Configured by ``data.canonical``; see the module docstring for the steps."""
+
+    reencode: bool = True
+    size: int = 128
+    resize: str = "short_side"
+    scale_jitter: float = 0.15
+    train_jpeg_quality: Sequence[int] = (65, 100)
+    eval_jpeg_quality: int | None = 92
+    grayscale_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_POLICIES:
+            raise ValueError(f"data.canonical.resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+        if not (isinstance(self.size, int) and self.size >= 8):
+            raise ValueError(f"data.canonical.size must be an integer >= 8, got {self.size!r}")
+        lo, hi = (list(self.train_jpeg_quality) + [None, None])[:2] if self.train_jpeg_quality else (None, None)
+        for q in (lo, hi, self.eval_jpeg_quality):
+            if q is not None and not 1 <= int(q) <= 100:
+                raise ValueError(f"data.canonical JPEG qualities must be in [1, 100], got {q!r}")
+        if not 0.0 <= self.grayscale_p <= 1.0:
+            raise ValueError(f"data.canonical.grayscale_p must be in [0, 1], got {self.grayscale_p!r}")
+        if not 0.0 <= self.scale_jitter <= 1.0:
+            raise ValueError(f"data.canonical.scale_jitter must be in [0, 1], got {self.scale_jitter!r}")
+
+    def resize_stage(self, arr: np.ndarray) -> np.ndarray:
+        """The deterministic part, done once per image and cached by the data set."""
+        return resize_image(arr, self.size, self.resize)
+
+    def finish(self, arr: np.ndarray, train: bool) -> np.ndarray:
+        """The crop; always returns ``size x size`` so that batches stack."""
+        if train and self.scale_jitter > 0 and self.resize != "none":
+            s = 1.0 + random.uniform(0.0, self.scale_jitter)
+            h, w = arr.shape[:2]
+            arr = cv2.resize(arr, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
+        return _crop(arr, self.size, random_position=train)
+
+    def encode(self, arr: np.ndarray, train: bool) -> np.ndarray:
+        """The last pixel step: one JPEG re-encode for every image, then grayscale.
+        ``reencode=false`` turns both off (geometry stays: batches need one size)."""
+        if not self.reencode:
+            return arr
+        if train and self.train_jpeg_quality:
+            lo, hi = self.train_jpeg_quality
+            arr = jpeg_roundtrip(arr, random.randint(int(lo), int(hi)))
+        elif not train and self.eval_jpeg_quality:
+            arr = jpeg_roundtrip(arr, int(self.eval_jpeg_quality))
+        if train and self.grayscale_p > 0 and random.random() < self.grayscale_p:
+            gray = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)
+            arr = np.repeat(gray[:, :, None], 3, axis=2)
+        return arr

@@ -1,0 +1,134 @@
+"""Where samples come from: a manifest CSV, a labelled folder tree, or an unlabelled folder.
+
+Each source turns into a list of ``Record``; the data set and the splits only see records.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+UNLABELLED = -1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif"}
+_LABEL_WORDS = {"real": 0, "0": 0, "0_real": 0, "fake": 1, "1": 1, "1_fake": 1}
+
+
+def parse_label(value: str) -> int:
+    key = str(value).strip().lower()
+    if key not in _LABEL_WORDS:
+        raise ValueError(f"unknown label {value!r}; expected one of {sorted(_LABEL_WORDS)}")
+    return _LABEL_WORDS[key]
+
+
+@dataclass
+class Record:
+    path: str
+    label: int = UNLABELLED
+    split: str | None = None
+    source: str = "unknown"
+    generator: str = "unknown"
+    group: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.group:
+            self.group = self.path  # an image is its own group unless told otherwise
+
+
+class ManifestSource:
+    """``relpath,label[,split,generator,source,group]`` CSV; paths relative to ``root``.
+
+    ``root`` defaults to the manifest's folder. Unknown extra columns ride along in
+    ``Record.extra``; a missing file is a logged skip, not a crash.
+    """
+
+    def __init__(self, manifest: str, root: str | None = None) -> None:
+        self.manifest = Path(manifest)
+        self.root = Path(root) if root else self.manifest.parent
+
+    def records(self) -> list[Record]:
+        if not self.manifest.is_file():
+            raise FileNotFoundError(
+                f"manifest {self.manifest} not found; set data.source.manifest=PATH "
+                "(for faces-dev the shared folder must sit beside the project, or set UNMASK_SHARED)"
+            )
+        out, missing = [], 0
+        with open(self.manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            cols = set(reader.fieldnames or [])
+            if not {"relpath", "label"} <= cols:
+                raise ValueError(f"{self.manifest}: needs columns relpath,label; has {sorted(cols)}")
+            known = {"relpath", "label", "split", "generator", "source", "group"}
+            for row in reader:
+                path = self.root / row["relpath"]
+                if not path.exists():
+                    missing += 1
+                    continue
+                out.append(
+                    Record(
+                        path=str(path),
+                        label=parse_label(row["label"]),
+                        split=(row.get("split") or None),
+                        source=row.get("source") or "unknown",
+                        generator=row.get("generator") or ("real" if row["label"] in ("real", "0") else "unknown"),
+                        group=row.get("group") or "",
+                        extra={k: v for k, v in row.items() if k not in known},
+                    )
+                )
+        if missing:
+            log.warning("%s: %d listed files are missing and were skipped", self.manifest, missing)
+        return out
+
+
+def _iter_files(root: Path, images_only: bool):
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        if images_only and p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        yield p
+
+
+class FolderSource:
+    """A tree whose path names the class: ``real``/``fake`` or ``0_real``/``1_fake`` folders
+    at any depth (the CNNDetection / UnivFD layouts). The folder above the class folder,
+    if any, becomes ``generator`` (e.g. ``test/progan/1_fake`` -> generator ``progan``)."""
+
+    def __init__(self, root: str, source: str | None = None) -> None:
+        self.root = Path(root)
+        self.source = source or self.root.name
+
+    def records(self) -> list[Record]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data folder {self.root} not found")
+        out, ambiguous = [], 0
+        for p in _iter_files(self.root, images_only=True):
+            parts = [s.lower() for s in p.relative_to(self.root).parts[:-1]]
+            hits = [(i, _LABEL_WORDS[s]) for i, s in enumerate(parts) if s in _LABEL_WORDS and not s.isdigit()]
+            if len({lab for _, lab in hits}) != 1:
+                ambiguous += 1
+                continue
+            idx, label = hits[-1]
+            generator = parts[idx - 1] if idx > 0 else ("real" if label == 0 else "unknown")
+            out.append(Record(str(p), label, None, self.source, "real" if label == 0 else generator))
+        if ambiguous:
+            log.warning("%s: %d files sit under no (or both) class folders and were skipped", self.root, ambiguous)
+        if not out:
+            raise ValueError(f"{self.root}: no images under real/fake or 0_real/1_fake folders")
+        return out
+
+
+class UnlabelledFolderSource:
+    """Every regular, non-hidden file below ``root`` (images or not): inference must give
+    every file a row, so nothing is filtered here; undecodable files are flagged later."""
+
+    def __init__(self, root: str) -> None:
+        self.root = Path(root)
+
+    def records(self) -> list[Record]:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"input folder {self.root} not found")
+        return [Record(str(p), UNLABELLED, source=self.root.name) for p in _iter_files(self.root, images_only=False)]

@@ -1,0 +1,4 @@
+"""Detectors: every one is a ``Detector`` returning a ``DetectorOutput``."""
+from detectors.base import Detector, DetectorOutput
+
+__all__ = ["Detector", "DetectorOutput"]

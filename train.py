@@ -1,0 +1,17 @@
+"""Train a detector: ``python train.py detector=npr data=faces_dev`` (see configs/train.yaml)."""
+import hydra
+from omegaconf import DictConfig
+
+import unmask.config  # noqa: F401  (registers the ${unmask_root:} resolver)
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from unmask.training import train
+
+    metrics = train(cfg)
+    return metrics.get("val/auc")  # for sweepers that optimise a number
+
+
+if __name__ == "__main__":
+    main()

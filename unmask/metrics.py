@@ -1,0 +1,106 @@
+"""Detection metrics, all from scikit-learn, with labels selected by mask (never by sort).
+
+``labels``: 1 = fake (the positive class), 0 = real; anything else is ignored.
+``scores``: P(fake), higher means more likely fake.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+REAL_PASS_RATE = 0.90  # the financial spec: 90 % of real faces must pass
+
+
+def _valid(labels, scores) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(int).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels {labels.shape} and scores {scores.shape} differ in length")
+    keep = np.isin(labels, (0, 1)) & np.isfinite(scores)
+    return labels[keep], scores[keep]
+
+
+def equal_error_rate(labels, scores) -> float:
+    labels, scores = _valid(labels, scores)
+    if len(np.unique(labels)) < 2:
+        return math.nan
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fnr = 1.0 - tpr
+    i = int(np.nanargmin(np.abs(fnr - fpr)))
+    return float((fpr[i] + fnr[i]) / 2.0)
+
+
+def recall_at_real_pass_rate(labels, scores, pass_rate: float = REAL_PASS_RATE) -> float:
+    """Share of fakes caught when the threshold lets ``pass_rate`` of reals through,
+    i.e. the best TPR on the ROC curve with FPR <= 1 - pass_rate."""
+    labels, scores = _valid(labels, scores)
+    if len(np.unique(labels)) < 2:
+        return math.nan
+    fpr, tpr, _ = roc_curve(labels, scores)
+    ok = fpr <= (1.0 - pass_rate) + 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
+
+
+def choose_threshold(labels, scores, policy: str = "youden") -> float:
+    """Decision threshold from (validation) scores: ``youden`` maximises TPR - FPR, the
+    same as the best balanced accuracy; ``real_pass`` lets 90 % of reals pass."""
+    labels, scores = _valid(labels, scores)
+    if len(np.unique(labels)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(labels, scores)
+    thr = np.clip(thr, 0.0, 1.0)  # the first threshold is +inf
+    if policy == "youden":
+        return float(thr[int(np.argmax(tpr - fpr))])
+    if policy == "real_pass":
+        ok = np.flatnonzero(fpr <= 1.0 - REAL_PASS_RATE + 1e-12)
+        return float(thr[ok[np.argmax(tpr[ok])]])
+    raise ValueError(f"threshold policy must be 'youden' or 'real_pass', got {policy!r}")
+
+
+def binary_metrics(labels, scores, threshold: float = 0.5) -> dict[str, float]:
+    labels, scores = _valid(labels, scores)
+    preds = (scores >= threshold).astype(int)
+    both = len(np.unique(labels)) == 2
+    real, fake = labels == 0, labels == 1
+    nan = math.nan
+    return {
+        "n": int(len(labels)),
+        "n_real": int(real.sum()),
+        "n_fake": int(fake.sum()),
+        "threshold": float(threshold),
+        "acc": float(accuracy_score(labels, preds)) if len(labels) else nan,
+        "balanced_acc": float(balanced_accuracy_score(labels, preds)) if both else nan,
+        "real_acc": float((preds[real] == 0).mean()) if real.any() else nan,
+        "fake_acc": float((preds[fake] == 1).mean()) if fake.any() else nan,
+        "auc": float(roc_auc_score(labels, scores)) if both else nan,
+        "ap": float(average_precision_score(labels, scores)) if both else nan,
+        "eer": equal_error_rate(labels, scores),
+        "recall_at_90_real_pass": recall_at_real_pass_rate(labels, scores),
+    }
+
+
+def breakdown(
+    labels, scores, groups: Iterable[str], threshold: float, reals_in_every_group: bool = False
+) -> dict[str, dict[str, float]]:
+    """Metrics per group. With ``reals_in_every_group`` (used for generators, whose reals
+    are all named 'real') each fake group is scored against *all* reals of the split, so
+    AUC is defined per generator."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    groups = np.asarray(list(groups), dtype=object)
+    out = {}
+    for g in sorted(set(groups.tolist())):
+        sel = groups == g
+        if reals_in_every_group and not (labels[sel] == 0).any():
+            sel = sel | (labels == 0)
+        out[str(g)] = binary_metrics(labels[sel], scores[sel], threshold)
+    return out

@@ -1,0 +1,101 @@
+"""One LightningModule for every detector: the detector's ``DetectorOutput`` is all it reads."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.aggregation import CatMetric
+
+from detectors.base import Detector
+from unmask.metrics import binary_metrics, choose_threshold
+
+log = logging.getLogger(__name__)
+
+
+class DetectionModule(pl.LightningModule):
+    def __init__(
+        self,
+        detector: Detector,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        threshold_policy: str = "youden",
+        run_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.detector = detector
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.threshold_policy = threshold_policy
+        # Everything needed to rebuild the detector and its preprocessing from the
+        # checkpoint alone (infer.py / evaluate.py need no training config).
+        self.run_config = run_config or {}
+        # Chosen on validation each epoch; saved in the state dict, so the selected
+        # checkpoint carries the threshold of its own epoch.
+        self.register_buffer("threshold", torch.tensor(0.5))
+        self._val = {"prob": CatMetric(), "label": CatMetric()}
+        for name, metric in self._val.items():
+            self.add_module(f"val_{name}", metric)
+
+    def forward(self, image: torch.Tensor, batch: dict | None = None):
+        return self.detector(image, batch)
+
+    def _step_loss(self, batch: dict, stage: str) -> tuple[torch.Tensor, Any]:
+        out = self.detector(batch["image"], batch)
+        terms = self.detector.loss_terms(out, batch)
+        loss = torch.stack([v.float() for v in terms.values()]).sum()
+        bs = batch["image"].shape[0]
+        self.log(f"{stage}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=stage != "train")
+        if len(terms) > 1:
+            for k, v in terms.items():
+                self.log(f"{stage}/loss_{k}", v, batch_size=bs, sync_dist=stage != "train")
+        return loss, out
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self._step_loss(batch, "train")[0]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        _, out = self._step_loss(batch, "val")
+        label = torch.as_tensor(batch["label"], device=self.device)
+        ok = torch.as_tensor(batch["meta"]["ok"], device=self.device, dtype=torch.bool)
+        self._val["prob"].update(out.prob[ok])
+        self._val["label"].update(label[ok].float())
+
+    def on_validation_epoch_end(self) -> None:
+        probs = self._val["prob"].compute().detach().cpu().numpy() if self._val["prob"].update_count else []
+        labels = self._val["label"].compute().detach().cpu().numpy() if self._val["label"].update_count else []
+        for m in self._val.values():
+            m.reset()
+        if self.trainer.sanity_checking or len(labels) == 0:
+            return
+        threshold = choose_threshold(labels, probs, self.threshold_policy)
+        self.threshold.fill_(threshold)
+        metrics = binary_metrics(labels, probs, threshold)
+        for key in ("auc", "ap", "acc", "balanced_acc", "eer", "recall_at_90_real_pass", "threshold"):
+            value = metrics[key]
+            # Never hand NaN to checkpoint/early-stopping monitors (one-class validation).
+            self.log(f"val/{key}", 0.0 if math.isnan(value) else value, prog_bar=key in ("auc", "acc"))
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        out = self.detector(batch["image"], batch)
+        return {"prob": out.prob.detach().cpu(), "label": torch.as_tensor(batch["label"]).cpu(), "meta": batch["meta"]}
+
+    def configure_optimizers(self):
+        params = [p for p in self.detector.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the detector has no trainable parameters")
+        optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": "val/auc"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["unmask"] = {"run_config": self.run_config, "threshold": float(self.threshold)}

@@ -1,0 +1,48 @@
+"""The training job behind train.py: compose -> fit -> select on validation -> test once."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from unmask.config import instantiate_group, is_empty
+from unmask.module import DetectionModule
+
+log = logging.getLogger(__name__)
+
+
+def build_module(cfg: DictConfig) -> DetectionModule:
+    return DetectionModule(
+        detector=instantiate(cfg.detector),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=None if is_empty(cfg.get("scheduler")) else instantiate(cfg.scheduler),
+        threshold_policy=cfg.get("threshold_policy", "youden"),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, augment=None if is_empty(cfg.get("augment")) else instantiate(cfg.augment))
+    module = build_module(cfg)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint else ""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if best:
+        log.info("best checkpoint (selected on val/auc): %s", Path(best).resolve())
+        print(f"best checkpoint: {Path(best).resolve()}")
+    if cfg.get("test") and best and not trainer.fast_dev_run:
+        from unmask.evaluation import evaluate_checkpoint
+
+        report = evaluate_checkpoint(best, datamodule=datamodule, split="test", out_dir=Path(cfg.paths.output_dir) / "test")
+        metrics.update({f"test/{k}": v for k, v in report["overall"].items() if isinstance(v, float)})
+    return metrics
