@@ -1,7 +1,7 @@
 """The one sample dict every detector consumes.
 
 ``{"image": float tensor 3xHxW in [0, 1] (RGB), "label": 0 real / 1 fake / -1 unknown,
-   "meta": {"path", "source", "generator", "group", "ok"}}``
+   "meta": {"path", "source", "generator", "group", "ok", "error"}}``
 
 Detectors normalise inside their own ``forward`` (each has its own mean/std), so data,
 perturbations and adversarial attacks all work in one pixel space. ``meta.ok`` is False
@@ -68,24 +68,24 @@ class ImageDataset(Dataset):
             self._cache[index] = arr
         return arr
 
-    def load_pixels(self, index: int) -> tuple[np.ndarray, bool]:
-        """Canonical uint8 pixels of sample ``index`` and whether the file decoded."""
+    def load_pixels(self, index: int) -> tuple[np.ndarray, str]:
+        """Canonical uint8 pixels of sample ``index`` and the decode error ("" if none)."""
         try:
-            arr, ok = self._resized(index), True
-        except ImageDecodeError:
+            arr, error = self._resized(index), ""
+        except ImageDecodeError as e:
             size = self.canonical.size
-            arr, ok = np.zeros((size, size, 3), np.uint8), False
+            arr, error = np.zeros((size, size, 3), np.uint8), str(e)
         arr = self.canonical.finish(arr, self.train)
-        if self.augment is not None and ok:
+        if self.augment is not None and not error:
             arr = self.augment(image=arr)["image"]
-        return self.canonical.encode(arr, self.train), ok
+        return self.canonical.encode(arr, self.train), error
 
     def __getitem__(self, index: int) -> dict:
-        arr, ok = self.load_pixels(index)
+        arr, error = self.load_pixels(index)
         r = self.records[index]
         image = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
         return {
             "image": image,
             "label": r.label,
-            "meta": {"path": r.path, "source": r.source, "generator": r.generator, "group": r.group, "ok": ok},
+            "meta": {"path": r.path, "source": r.source, "generator": r.generator, "group": r.group, "ok": not error, "error": error},
         }

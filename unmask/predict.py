@@ -54,6 +54,7 @@ def predict(
                         "prob": p if ok else float("nan"),
                         "label": int(batch["label"][i]),
                         "ok": ok,
+                        "error": meta["error"][i],
                         "source": meta["source"][i],
                         "generator": meta["generator"][i],
                         "group": meta["group"][i],
