@@ -24,6 +24,7 @@ class DetectionModule(pl.LightningModule):
         scheduler_interval: str = "epoch",
         threshold_policy: str = "youden",
         run_config: dict | None = None,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.detector = detector
@@ -31,6 +32,8 @@ class DetectionModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_interval = scheduler_interval
         self.threshold_policy = threshold_policy
+        # NHWC is the fast layout for convolutions on CPU (oneDNN) and on tensor cores.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         # Everything needed to rebuild the detector and its preprocessing from the
         # checkpoint alone (infer.py / evaluate.py need no training config).
         self.run_config = run_config or {}
@@ -44,8 +47,11 @@ class DetectionModule(pl.LightningModule):
     def forward(self, image: torch.Tensor, batch: dict | None = None):
         return self.detector(image, batch)
 
+    def on_fit_start(self) -> None:
+        self.detector.to(memory_format=self.memory_format)
+
     def _step_loss(self, batch: dict, stage: str) -> tuple[torch.Tensor, Any]:
-        out = self.detector(batch["image"], batch)
+        out = self.detector(batch["image"].contiguous(memory_format=self.memory_format), batch)
         terms = self.detector.loss_terms(out, batch)
         loss = torch.stack([v.float() for v in terms.values()]).sum()
         bs = batch["image"].shape[0]

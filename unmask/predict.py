@@ -34,7 +34,7 @@ def predict(
     """Score every sample; returns one row per sample (path, prob, label, ok, source,
     generator, group) and the wall seconds from first decode to last score."""
     dev = pick_device(device)
-    detector = detector.to(dev).eval()
+    detector = detector.to(dev).eval().to(memory_format=torch.channels_last)
     if dev.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from unmask.config import instantiate_group, is_empty
 from unmask.module import DetectionModule
@@ -21,6 +21,7 @@ def build_module(cfg: DictConfig) -> DetectionModule:
         optimizer=instantiate(cfg.optimizer),
         scheduler=None if is_empty(cfg.get("scheduler")) else instantiate(cfg.scheduler),
         threshold_policy=cfg.get("threshold_policy", "youden"),
+        channels_last=cfg.get("channels_last", True),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
 
@@ -31,6 +32,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses it)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
