@@ -1,4 +1,9 @@
-"""Contest export: ``python infer.py ckpt=PATH input=./testset`` -> ./result_MMDDHHMM.xls"""
+"""Contest export: ``python infer.py ckpt=PATH input=./testset`` -> ./result_MMDDHHMM.xls
+
+One row per file; a video file (mp4, avi, mov, webm, mkv, m4v) gets the aggregate of its
+sampled frames (``video.*``). ``runtime=onnx`` scores with onnxruntime; QPS_image and
+QPS_video are printed (``metrics=true`` also writes them to result_*.metrics.json).
+"""
 import hydra
 from omegaconf import DictConfig
 

@@ -6,7 +6,9 @@ the same way, whatever its class, takes those shortcuts away:
 
 1. a common resize policy (short side to ``size``, area filter down / bilinear up),
 2. a crop to ``size x size`` (random, after a small random rescale, in training, so old
-   8x8 JPEG grids do not stay aligned; centred in evaluation),
+   8x8 JPEG grids do not stay aligned; centred in evaluation); in training every image is
+   JPEG re-encoded once before that rescale too, so that every image, whatever its class,
+   carries a moved old block grid,
 3. a JPEG re-encode of *every* image with PIL (random quality in training, fixed in
    evaluation), so the container and its quantisation tables say nothing about the label,
 4. optional grayscale on both classes (training only).
@@ -76,20 +78,32 @@ class Canonicalizer:
     train_jpeg_quality: Sequence[int] = (65, 100)
     eval_jpeg_quality: int | None = 92
     grayscale_p: float = 0.0
+    # Training: also re-encode (random quality) *before* the random rescale and crop. A class
+    # stored only as low-quality JPEG keeps its old 8x8 block grid through a re-encode done
+    # after resizing (the blocks just move to a new period); giving every image such a grid
+    # first makes "has an old JPEG grid" say nothing about the label (tests/test_canonical.py).
+    train_reencode_before_jitter: bool = True
 
     def __post_init__(self) -> None:
+        # Messages name the Hydra keys a user sets (``canonical.*``; size follows data.image_size).
         if self.resize not in RESIZE_POLICIES:
-            raise ValueError(f"data.canonical.resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
+            raise ValueError(f"canonical.resize must be one of {RESIZE_POLICIES}, got {self.resize!r}")
         if not (isinstance(self.size, int) and self.size >= 8):
-            raise ValueError(f"data.canonical.size must be an integer >= 8, got {self.size!r}")
-        lo, hi = (list(self.train_jpeg_quality) + [None, None])[:2] if self.train_jpeg_quality else (None, None)
-        for q in (lo, hi, self.eval_jpeg_quality):
-            if q is not None and not 1 <= int(q) <= 100:
-                raise ValueError(f"data.canonical JPEG qualities must be in [1, 100], got {q!r}")
+            raise ValueError(f"canonical.size (data.image_size) must be an integer >= 8, got {self.size!r}")
+        if self.train_jpeg_quality:
+            if len(self.train_jpeg_quality) != 2:
+                raise ValueError(f"canonical.train_jpeg_quality must be [low, high], got {list(self.train_jpeg_quality)!r}")
+            lo, hi = self.train_jpeg_quality
+            if not (1 <= int(lo) <= int(hi) <= 100):
+                raise ValueError(
+                    f"canonical.train_jpeg_quality must be [low, high] with 1 <= low <= high <= 100, got [{lo}, {hi}]"
+                )
+        if self.eval_jpeg_quality is not None and not 1 <= int(self.eval_jpeg_quality) <= 100:
+            raise ValueError(f"canonical.eval_jpeg_quality must be in [1, 100] or null, got {self.eval_jpeg_quality!r}")
         if not 0.0 <= self.grayscale_p <= 1.0:
-            raise ValueError(f"data.canonical.grayscale_p must be in [0, 1], got {self.grayscale_p!r}")
+            raise ValueError(f"canonical.grayscale_p must be in [0, 1], got {self.grayscale_p!r}")
         if not 0.0 <= self.scale_jitter <= 1.0:
-            raise ValueError(f"data.canonical.scale_jitter must be in [0, 1], got {self.scale_jitter!r}")
+            raise ValueError(f"canonical.scale_jitter must be in [0, 1], got {self.scale_jitter!r}")
 
     def resize_stage(self, arr: np.ndarray) -> np.ndarray:
         """The deterministic part, done once per image and cached by the data set."""
@@ -97,6 +111,9 @@ class Canonicalizer:
 
     def finish(self, arr: np.ndarray, train: bool) -> np.ndarray:
         """The crop; always returns ``size x size`` so that batches stack."""
+        if train and self.reencode and self.train_reencode_before_jitter and self.train_jpeg_quality:
+            lo, hi = self.train_jpeg_quality
+            arr = jpeg_roundtrip(arr, random.randint(int(lo), int(hi)))
         if train and self.scale_jitter > 0 and self.resize != "none":
             s = 1.0 + random.uniform(0.0, self.scale_jitter)
             h, w = arr.shape[:2]

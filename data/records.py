@@ -67,13 +67,17 @@ class ManifestSource:
                 if not path.exists():
                     missing += 1
                     continue
+                try:
+                    label = parse_label(row["label"])
+                except ValueError as e:  # say where, not only what
+                    raise ValueError(f"{self.manifest} line {reader.line_num} ({row['relpath']}): {e}") from None
                 out.append(
                     Record(
                         path=str(path),
-                        label=parse_label(row["label"]),
+                        label=label,
                         split=(row.get("split") or None),
                         source=row.get("source") or "unknown",
-                        generator=row.get("generator") or ("real" if row["label"] in ("real", "0") else "unknown"),
+                        generator=row.get("generator") or ("real" if label == 0 else "unknown"),
                         group=row.get("group") or "",
                         extra={k: v for k, v in row.items() if k not in known},
                     )
@@ -132,3 +136,34 @@ class UnlabelledFolderSource:
         if not self.root.is_dir():
             raise FileNotFoundError(f"input folder {self.root} not found")
         return [Record(str(p), UNLABELLED, source=self.root.name) for p in _iter_files(self.root, images_only=False)]
+
+
+class ListedFilesSource:
+    """An inference manifest: a CSV with a ``relpath`` column (paths relative to its folder,
+    or to ``root``); ``label`` and other columns (``video_id``...) are optional and ride
+    along. Every listed row becomes a record, missing files too: inference gives each
+    listed file its row (a missing one gets the fallback label, like an undecodable one)."""
+
+    def __init__(self, manifest: str, root: str | None = None) -> None:
+        self.manifest = Path(manifest)
+        self.root = Path(root) if root else self.manifest.parent
+
+    def records(self) -> list[Record]:
+        if not self.manifest.is_file():
+            raise FileNotFoundError(f"manifest {self.manifest} not found")
+        with open(self.manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if "relpath" not in (reader.fieldnames or []):
+                raise ValueError(f"{self.manifest}: needs a relpath column; has {reader.fieldnames}")
+            known = {"relpath", "label", "source", "generator", "group"}
+            return [
+                Record(
+                    path=str(self.root / row["relpath"]),
+                    label=parse_label(row["label"]) if row.get("label") else UNLABELLED,
+                    source=row.get("source") or self.manifest.stem,
+                    generator=row.get("generator") or "unknown",
+                    group=row.get("group") or "",
+                    extra={k: v for k, v in row.items() if k not in known},
+                )
+                for row in reader
+            ]

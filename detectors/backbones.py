@@ -65,6 +65,11 @@ def skip_pretrained() -> Iterator[None]:
         _SKIP_PRETRAINED.reset(token)
 
 
+def pretrained_skipped() -> bool:
+    """True inside ``skip_pretrained()``: a checkpoint is about to supply every weight."""
+    return _SKIP_PRETRAINED.get()
+
+
 def _tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

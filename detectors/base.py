@@ -49,6 +49,11 @@ class Detector(nn.Module):
     def forward_normalized(self, x: Tensor) -> DetectorOutput:
         raise NotImplementedError
 
+    def after_backward(self) -> None:
+        """Called by ``DetectionModule`` after each training backward, before the optimiser
+        step; detectors that read gradients of their own inputs (e.g. ``OSNRobust``'s
+        adversarial memory) hook in here. No-op by default."""
+
     def loss_terms(self, out: DetectorOutput, batch: Mapping) -> dict[str, Tensor]:
         """Image-level BCE on decodable samples plus whatever the detector added."""
         labels = torch.as_tensor(batch["label"], device=out.logit.device)

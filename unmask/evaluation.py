@@ -10,10 +10,13 @@ import numpy as np
 import pandas as pd
 
 from data.dataset import ImageDataset
+from data.video import split_videos
 from unmask.checkpoint import load_detector
 from unmask.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from unmask.metrics import binary_metrics, breakdown
 from unmask.predict import predict
+from unmask.runtime import build_runtime
+from unmask.throughput import RunClock, format_throughput, throughput_report
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +107,74 @@ def evaluate_checkpoint(
     batch_size: int = 64,
     num_workers: int = 2,
     device: str = "auto",
+    perturb=None,
+    video=None,
+    runtime: str = "torch",
+    compile: bool = False,
+    onnx_model: str | None = None,
 ) -> dict:
+    """``perturb``: a ``data.perturb.PerturbationGrid`` (``configs/perturb/``); when given,
+    the robustness grid runs after the clean evaluation and its section is appended to
+    report.md (plus robustness.csv/json/png). Without it nothing changes.
+
+    Video files in the split are scored frame by frame (``video``: a
+    ``unmask.video_scoring.VideoOptions``; sampling, aggregation, id column); their frames
+    and any images a manifest assigns to a video (``video_id`` column) also get video-level
+    metrics (``report["video"]``, videos.csv). ``runtime``: torch | onnx (``unmask.runtime``).
+    QPS_image / QPS_video cover the clean evaluation, from loading the checkpoint to the
+    results (the robustness grid, if any, is not part of them)."""
+    from unmask.video_scoring import (
+        VideoOptions, add_video_scores, render_video_markdown, video_file_totals, video_metrics_report,
+    )
+
+    clock = RunClock()
+    video = video or VideoOptions()
     loaded = load_detector(ckpt)
     datamodule.setup()
     if split not in datamodule.records:
         raise ValueError(f"split must be one of {sorted(datamodule.records)}, got {split!r}")
     # The checkpoint's own evaluation preprocessing, not whatever the data config says now.
-    dataset = ImageDataset(datamodule.records[split], loaded.canonical, train=False, draft_decode=datamodule.draft_decode)
-    df, seconds = predict(loaded.detector, dataset, batch_size=batch_size, num_workers=num_workers, device=device)
+    image_records, video_records = split_videos(datamodule.records[split])
+    scorer = build_runtime(runtime, loaded, device=device, compile=compile, onnx_model=onnx_model)
+    df, seconds = None, 0.0
+    if image_records or not video_records:
+        dataset = ImageDataset(image_records, loaded.canonical, train=False, draft_decode=datamodule.draft_decode)
+        df, seconds = predict(loaded.detector, dataset, batch_size=batch_size, num_workers=num_workers, device=device, runtime=scorer)
+    df, videos, video_s = add_video_scores(
+        df, loaded.detector, loaded.canonical, image_records, video_records, video, batch_size, num_workers, device, scorer
+    )
+    seconds += video_s
     thr = loaded.threshold if threshold is None else float(threshold)
     report = metrics_report(df, thr)
     report.update({"split": split, "checkpoint": str(ckpt), "seconds": seconds, "images_per_second": len(df) / max(seconds, 1e-9)})
+    markdown = render_markdown(report, f"Evaluation on split '{split}'")
+    if videos is not None:
+        report["video"] = video_metrics_report(videos, thr, video.aggregator)
+        markdown += "\n" + render_video_markdown(report["video"], markdown_table)
     out = Path(out_dir)
-    atomic_write_json(out / "metrics.json", report)
-    atomic_write_text(out / "report.md", render_markdown(report, f"Evaluation on split '{split}'"))
-    atomic_write_text(out / "predictions.csv", df.to_csv(index=False))
     plot_roc(df, out / "roc.png")
+    video_seconds, n_frames = video_file_totals(df, video_records)
+    throughput = throughput_report(clock.seconds(), len(image_records), len(video_records), video_seconds, n_frames)
+    report.update({"qps_image": throughput["qps_image"], "qps_video": throughput["qps_video"], "throughput": throughput, "runtime": scorer.name})
+    atomic_write_json(out / "metrics.json", report)
+    atomic_write_text(out / "report.md", markdown)
+    atomic_write_text(out / "predictions.csv", df.to_csv(index=False))
+    if videos is not None:
+        atomic_write_text(out / "videos.csv", videos.to_csv(index=False))
+    section = ""
+    if perturb is not None:
+        from unmask.robustness import evaluate_grid, write_robustness
+
+        table = evaluate_grid(loaded, image_records, perturb, threshold=thr, batch_size=batch_size, num_workers=num_workers, device=device)
+        n_images = int(table.loc[0, "n"])
+        section = write_robustness(table, out, perturb.stage, n_images)
+        atomic_write_text(out / "report.md", markdown + "\n" + section)
+        report["robustness"] = table.to_dict(orient="records")
     o = report["overall"]
     log.info("%s: acc %.4f  auc %.4f  ap %.4f  eer %.4f  (%d images, %.1f img/s)", split, o["acc"], o["auc"], o["ap"], o["eer"], o["n"], report["images_per_second"])
-    print(render_markdown(report, f"Evaluation on split '{split}'"))
+    print(markdown)
+    print(f"throughput ({scorer.name} runtime): {format_throughput(throughput)}")
+    if section:
+        print(section)
     print(f"report written to {out.resolve()}")
     return report

@@ -2,7 +2,9 @@
 in ascending file-name order: ``name,1`` for AI-generated, ``name,0`` for real."""
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import math
 from pathlib import Path
 from typing import Sequence
@@ -20,8 +22,13 @@ def parse_threshold(spec) -> tuple[str, float | None]:
     """``None``/``stored`` -> the checkpoint's; a number; ``prior:P`` -> share P labelled fake."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "stored", "null", "none")):
         return "stored", None
+    if isinstance(spec, bool):  # float(True) would silently become threshold 1.0
+        raise ValueError(f"threshold must be empty (stored), a number or prior:P, got {spec!r}")
     if isinstance(spec, str) and spec.strip().lower().startswith("prior:"):
-        share = float(spec.split(":", 1)[1])
+        try:
+            share = float(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"threshold=prior:P needs a number P in [0, 1], got {spec!r}") from None
         if not 0.0 <= share <= 1.0:
             raise ValueError(f"threshold=prior:P needs P in [0, 1], got {share}")
         return "prior", share
@@ -29,7 +36,7 @@ def parse_threshold(spec) -> tuple[str, float | None]:
         value = float(spec)
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be empty (stored), a number or prior:P, got {spec!r}") from None
-    if not 0.0 <= value <= 1.0:
+    if not 0.0 <= value <= 1.0:  # also refuses nan
         raise ValueError(f"threshold must be a probability in [0, 1], got {value}")
     return "fixed", value
 
@@ -64,6 +71,9 @@ def write_contest_csv(path: str | Path, names: Sequence[str], labels: Sequence[i
     for name, label in rows:
         if label not in (0, 1):
             raise ValueError(f"label for {name!r} must be 0 or 1, got {label!r}")
-        if "," in name or "\n" in name:
-            raise ValueError(f"file name {name!r} cannot be written as a bare CSV field")
-    return atomic_write_text(path, "".join(f"{n},{int(l)}\n" for n, l in rows))
+    # csv quotes a name holding a comma, quote or line break (RFC 4180) instead of the
+    # export refusing it: every file must keep its row. Plain names are written bare.
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows((n, int(l)) for n, l in rows)
+    # A name that is not valid UTF-8 is written back as the bytes it has on disk.
+    return atomic_write_text(path, buf.getvalue(), errors="surrogateescape")

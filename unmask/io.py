@@ -8,15 +8,25 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
+# mkstemp creates files readable by their owner only; a result must get the permissions a
+# plain open() would give (0666 minus the umask), or a grader running as another user cannot
+# read it. The umask can only be read by setting it, so it is read once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8", errors: str = "strict") -> Path:
+    """``errors="surrogateescape"`` writes file names that are not valid UTF-8 (a zip made
+    on another system) back as their original bytes instead of failing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as f:
+        with os.fdopen(fd, "w", encoding=encoding, errors=errors, newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

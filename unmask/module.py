@@ -10,9 +10,13 @@ import torch
 from torchmetrics.aggregation import CatMetric
 
 from detectors.base import Detector
-from unmask.metrics import binary_metrics, choose_threshold
+from unmask.metrics import THRESHOLD_POLICIES, binary_metrics, choose_threshold
 
 log = logging.getLogger(__name__)
+
+# A scheduler's state that is training progress (restored on resume); the rest of its state
+# (T_max, step_size, gamma, eta_min...) is configuration.
+_SCHEDULE_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step", "base_lrs", "verbose"}
 
 
 class DetectionModule(pl.LightningModule):
@@ -27,6 +31,8 @@ class DetectionModule(pl.LightningModule):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
+        if threshold_policy not in THRESHOLD_POLICIES:  # fail now, not after the first epoch
+            raise ValueError(f"threshold_policy must be one of {THRESHOLD_POLICIES}, got {threshold_policy!r}")
         self.detector = detector
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -64,6 +70,9 @@ class DetectionModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self._step_loss(batch, "train")[0]
 
+    def on_after_backward(self) -> None:
+        self.detector.after_backward()  # a no-op unless the detector uses input gradients
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         _, out = self._step_loss(batch, "val")
         label = torch.as_tensor(batch["label"], device=self.device)
@@ -98,10 +107,29 @@ class DetectionModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
+        self._configured_schedule = {k: v for k, v in scheduler.state_dict().items() if k not in _SCHEDULE_PROGRESS}
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": "val/auc"},
         }
+
+    def on_train_start(self) -> None:
+        """After a resume (``ckpt_path=``) Lightning restores the schedulers whole, so a run
+        extended with a larger ``trainer.max_epochs`` would keep the old ``T_max`` (and a
+        cosine schedule that already reached 0 would train the extra epochs at lr 0). Keep
+        the checkpoint's progress but the config's schedule settings."""
+        configured = getattr(self, "_configured_schedule", None)
+        for sched_cfg in self.trainer.lr_scheduler_configs if configured else []:
+            sched = sched_cfg.scheduler
+            changed = {k: v for k, v in configured.items() if sched.__dict__.get(k) != v}
+            if not changed or not hasattr(sched, "_get_closed_form_lr"):
+                continue  # e.g. ReduceLROnPlateau: its state is progress (best, bad epochs), kept as restored
+            sched.__dict__.update(changed)
+            lrs = sched._get_closed_form_lr()  # the new schedule's lr at the restored epoch
+            for group, lr in zip(sched.optimizer.param_groups, lrs):
+                group["lr"] = lr
+            sched._last_lr = list(lrs)
+            log.info("resumed %s with the config's %s; lr now %s", type(sched).__name__, changed, lrs)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["unmask"] = {"run_config": self.run_config, "threshold": float(self.threshold)}

@@ -3,62 +3,69 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data.dataset import ImageDataset
 from detectors.base import Detector
+from unmask.runtime import TorchRuntime, pick_device  # noqa: F401  (pick_device: kept importable from here)
 
 log = logging.getLogger(__name__)
 
+# The meta keys every sample carries; any other key (a video frame's video_id, timestamp...)
+# becomes an extra column of the predictions.
+BASE_META = ("path", "ok", "error", "source", "generator", "group")
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+
+def _value(v):
+    return v.item() if isinstance(v, torch.Tensor) else v
 
 
 def predict(
     detector: Detector,
-    dataset: ImageDataset,
+    dataset: Dataset,
     batch_size: int = 64,
     num_workers: int = 2,
     device: str = "auto",
     amp: bool = True,
     progress: bool = True,
+    runtime=None,
+    compile: bool = False,
 ) -> tuple[pd.DataFrame, float]:
     """Score every sample; returns one row per sample (path, prob, label, ok, source,
-    generator, group) and the wall seconds from first decode to last score."""
-    dev = pick_device(device)
-    detector = detector.to(dev).eval().to(memory_format=torch.channels_last)
-    if dev.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=dev.type == "cuda")
-    autocast = torch.autocast(dev.type, dtype=torch.float16) if amp and dev.type == "cuda" else nullcontext()
+    generator, group, plus any extra meta keys of the samples) and the wall seconds from
+    first decode to last score.
+
+    Decoding and resizing run in ``num_workers`` DataLoader workers, overlapped with the
+    model. ``runtime``: a scorer from ``unmask.runtime`` (e.g. ``OnnxRuntime``) used instead
+    of the eager detector; ``compile``: ``torch.compile`` the detector (eager runtime only).
+    """
+    scorer = runtime if runtime is not None else TorchRuntime(detector, device=device, amp=amp, compile=compile)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=scorer.device.type == "cuda"
+    )
     rows: list[dict] = []
     start = time.perf_counter()
-    with torch.inference_mode(), autocast:
-        for batch in tqdm(loader, desc="scoring", unit="batch", disable=not progress, leave=False):
-            image = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            prob = detector(image, batch).prob.float().cpu().tolist()
-            meta = batch["meta"]
-            for i, p in enumerate(prob):
-                ok = bool(meta["ok"][i])
-                rows.append(
-                    {
-                        "path": meta["path"][i],
-                        "prob": p if ok else float("nan"),
-                        "label": int(batch["label"][i]),
-                        "ok": ok,
-                        "error": meta["error"][i],
-                        "source": meta["source"][i],
-                        "generator": meta["generator"][i],
-                        "group": meta["group"][i],
-                    }
-                )
+    for batch in tqdm(loader, desc="scoring", unit="batch", disable=not progress, leave=False):
+        prob = scorer(batch["image"], batch).tolist()
+        meta = batch["meta"]
+        extra = [k for k in meta if k not in BASE_META]
+        for i, p in enumerate(prob):
+            ok = bool(meta["ok"][i])
+            row = {
+                "path": meta["path"][i],
+                "prob": p if ok else float("nan"),
+                "label": int(batch["label"][i]),
+                "ok": ok,
+                "error": meta["error"][i],
+                "source": meta["source"][i],
+                "generator": meta["generator"][i],
+                "group": meta["group"][i],
+            }
+            for k in extra:
+                row[k] = _value(meta[k][i])
+            rows.append(row)
     seconds = time.perf_counter() - start
     return pd.DataFrame(rows), seconds

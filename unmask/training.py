@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -27,6 +28,10 @@ def build_module(cfg: DictConfig) -> DetectionModule:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    if cfg.get("num_threads"):
+        # Fewer intra-op threads than cores helps when other jobs share the CPU: spinning
+        # OpenMP threads that lose their core stall every operator.
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, augment=None if is_empty(cfg.get("augment")) else instantiate(cfg.augment))
     module = build_module(cfg)
