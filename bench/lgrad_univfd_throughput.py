@@ -1,6 +1,6 @@
 """Throughput of the issue-3 detectors on this machine.
 
-    python bench/lgrad_univfd_throughput.py [--size 128] [--images 64] [--batch 32]
+    python bench/lgrad_univfd_throughput.py [--size 128] [--images 64] [--batch 32] [--threads 1]
         [--univfd-limit 600] [--univfd-epochs 3] [--skip-univfd]
 
 1. LGrad gradient maps per second with the MobileNetV2 ImageNet source: one batched
@@ -51,8 +51,9 @@ def gradient_throughput(size: int, images: int, batch: int) -> None:
         print(f"| {label} | {rate:.1f} | {rate / results['loop'][0]:.2f}x | {(maps - ref).abs().max().item():.0f} |")
 
 
-def univfd_epoch_times(limit: int, epochs: int, cache_dir: Path | None) -> tuple[list[tuple[float, float]], float]:
+def univfd_epoch_times(limit: int, epochs: int, threads: int, cache_dir: Path | None) -> tuple[list[tuple[float, float]], float]:
     overrides = [
+        f"num_threads={threads}",
         "detector=univfd",
         "data=faces_dev",
         f"data.limit_per_split={limit}",
@@ -90,16 +91,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--univfd-limit", type=int, default=600, help="data.limit_per_split of the UnivFD runs")
     parser.add_argument("--univfd-epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a shared CPU)")
     parser.add_argument("--skip-univfd", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     gradient_throughput(args.size, args.images, args.batch)
     if args.skip_univfd:
         return
     print()
-    plain, plain_total = univfd_epoch_times(args.univfd_limit, args.univfd_epochs, None)
+    plain, plain_total = univfd_epoch_times(args.univfd_limit, args.univfd_epochs, args.threads, None)
     with tempfile.TemporaryDirectory(prefix="univfd_cache_") as cache:
-        cached, cached_total = univfd_epoch_times(args.univfd_limit, args.univfd_epochs, Path(cache))
+        cached, cached_total = univfd_epoch_times(args.univfd_limit, args.univfd_epochs, args.threads, Path(cache))
     print(f"\n## UnivFD (EfficientNet-Lite2 probe) on faces-dev, limit_per_split={args.univfd_limit}, {args.univfd_epochs} epochs\n")
     print("| epoch | train s, no cache | train s, cache | val s, no cache | val s, cache |")
     print("|---|---|---|---|---|")

@@ -12,7 +12,7 @@
 5. ``summary``: D_r side by side, the D_g table, and robustness_curves.png.
 
     python bench/robustness_faces_dev.py [--out bench/results/robustness_faces_dev]
-        [--stages pretrain logo osn grid summary] [--plain-ckpt PATH] [--subset 300]
+        [--stages pretrain logo osn grid summary] [--plain-ckpt PATH] [--subset 200] [--pgd-steps 3]
 
 Finished stages are reused (delete a folder to redo it). The reduced recipe is
 ``REDUCED`` below; every command is printed before it runs.
@@ -66,9 +66,9 @@ def models(out: Path, plain_ckpt: Path) -> dict[str, Path]:
     }
 
 
-def stage_grid(out: Path, plain_ckpt: Path, subset: int, pgd_steps: int) -> None:
+def stage_grid(out: Path, plain_ckpt: Path, subset: int, pgd_steps: int, only: list[str] | None = None) -> None:
     for name, ckpt in models(out, plain_ckpt).items():
-        if (out / "grid" / name / "robustness.csv").is_file():
+        if (only and name not in only) or (out / "grid" / name / "robustness.csv").is_file():
             continue
         if not ckpt.is_file():
             print(f"skipping {name}: no checkpoint at {ckpt}")
@@ -113,8 +113,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench/results/robustness_faces_dev"))
     parser.add_argument("--stages", nargs="+", default=["pretrain", "logo", "osn", "grid", "summary"])
     parser.add_argument("--plain-ckpt", default=str(ROOT / "bench/results/cnnspot_faces_dev/checkpoints/best.ckpt"))
-    parser.add_argument("--subset", type=int, default=300, help="test images for the grid (class-balanced)")
-    parser.add_argument("--pgd-steps", type=int, default=5)
+    parser.add_argument("--subset", type=int, default=200, help="test images for the grid (class-balanced)")
+    parser.add_argument("--pgd-steps", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=None, help="grid only these (plain_full plain_reduced osn_reduced)")
     args = parser.parse_args()
     out, plain = Path(args.out).resolve(), Path(args.plain_ckpt).resolve()
     weights = out / "simulator" / "simulator.pt"
@@ -125,7 +126,7 @@ def main() -> None:
     if "osn" in args.stages:
         stage_osn(out, weights)
     if "grid" in args.stages:
-        stage_grid(out, plain, args.subset, args.pgd_steps)
+        stage_grid(out, plain, args.subset, args.pgd_steps, args.models)
     if "summary" in args.stages:
         stage_summary(out, plain)
 
