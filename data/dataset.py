@@ -68,13 +68,17 @@ class ImageDataset(Dataset):
             self._cache[index] = arr
         return arr
 
-    def load_pixels(self, index: int) -> tuple[np.ndarray, str]:
-        """Canonical uint8 pixels of sample ``index`` and the decode error ("" if none)."""
+    def resized_or_blank(self, index: int) -> tuple[np.ndarray, str]:
+        """Resized pixels and "", or a blank canonical-size image and the decode error."""
         try:
-            arr, error = self._resized(index), ""
+            return self._resized(index), ""
         except ImageDecodeError as e:
             size = self.canonical.size
-            arr, error = np.zeros((size, size, 3), np.uint8), str(e)
+            return np.zeros((size, size, 3), np.uint8), str(e)
+
+    def load_pixels(self, index: int) -> tuple[np.ndarray, str]:
+        """Canonical uint8 pixels of sample ``index`` and the decode error ("" if none)."""
+        arr, error = self.resized_or_blank(index)
         arr = self.canonical.finish(arr, self.train)
         if self.augment is not None and not error:
             arr = self.augment(image=arr)["image"]

@@ -281,11 +281,7 @@ class PerturbedDataset(ImageDataset):
         return self.canonical.resize_stage(raw)
 
     def load_pixels(self, index: int) -> tuple[np.ndarray, str]:
-        try:
-            arr, error = self._resized(index), ""
-        except ImageDecodeError as e:
-            size = self.canonical.size
-            arr, error = np.zeros((size, size, 3), np.uint8), str(e)
+        arr, error = self.resized_or_blank(index)
         arr = self.canonical.finish(arr, train=False)
         if self.stage == "canonical" and self.perturbation is not None and not error:
             arr = self.perturbation(arr, index)
