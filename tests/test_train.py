@@ -215,3 +215,17 @@ def test_multirun_sweep_runs_every_detector(tmp_path):
         assert config["paths"]["output_dir"] == str(sweep / str(job))
     assert re.search(r"#0 : detector=cnnspot", proc.stdout + proc.stderr)
     assert re.search(r"#1 : detector=npr", proc.stdout + proc.stderr)
+
+
+def test_rerun_into_the_same_folder_replaces_best_ckpt(tmp_path, cache):
+    """``hydra.run.dir=DIR`` twice: DIR/checkpoints/best.ckpt is the second run's selection,
+    never a stale file beside a best-v1.ckpt."""
+    overrides = ["logger=none", "detector.pretrained=none", "trainer.max_epochs=1"]
+    run_train(tmp_path, cache, overrides)
+    best = tmp_path / "checkpoints" / "best.ckpt"
+    first = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    run_train(tmp_path, cache, overrides + ["seed=7"])
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best.ckpt", "last.ckpt"]
+    second = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+    assert not torch.equal(first["detector.head.weight"], second["detector.head.weight"])
