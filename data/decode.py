@@ -23,6 +23,16 @@ class ImageDecodeError(ValueError):
     """The file is not an image we can turn into RGB pixels; the message says why."""
 
 
+def require_nonempty(path: Path, error: type[ImageDecodeError] = ImageDecodeError) -> None:
+    """Raise ``error`` for a missing, unreadable or 0-byte file, before any decoder sees it."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise error(f"cannot read {path}: {e}") from e
+    if size == 0:
+        raise error(f"{path}: empty file (0 bytes)")
+
+
 def _to_rgb(img: Image.Image, background: int = 255) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB without letting mode leak into pixel statistics."""
     mode = img.mode
@@ -64,12 +74,7 @@ def decode_image(
     than none. Raises ``ImageDecodeError`` for anything that is not a usable image.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ImageDecodeError(f"cannot read {path}: {e}") from e
-    if size == 0:
-        raise ImageDecodeError(f"{path}: empty file (0 bytes)")
+    require_nonempty(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.canonical import Canonicalizer
-from data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+from data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, require_nonempty
 from data.records import Record
 
 log = logging.getLogger(__name__)
@@ -111,12 +111,7 @@ class FrameSampler:
 def _open(path: Path):
     import av
 
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise VideoDecodeError(f"cannot read {path}: {e}") from e
-    if size == 0:
-        raise VideoDecodeError(f"{path}: empty file (0 bytes)")
+    require_nonempty(path, VideoDecodeError)
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, ValueError) as e:

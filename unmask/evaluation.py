@@ -3,52 +3,30 @@ per generator, written as metrics.json, report.md, predictions.csv and roc.png."
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from data.dataset import ImageDataset
 from data.video import split_videos
 from unmask.checkpoint import load_detector
 from unmask.io import atomic_save_figure, atomic_write_json, atomic_write_text
-from unmask.metrics import binary_metrics, breakdown
+from unmask.metrics import grouped_metrics
 from unmask.predict import predict
 from unmask.runtime import build_runtime
+from unmask.tables import grouped_tables
 from unmask.throughput import RunClock, format_throughput, throughput_report
 
 log = logging.getLogger(__name__)
 
-REPORT_COLUMNS = ("n", "acc", "balanced_acc", "real_acc", "fake_acc", "auc", "ap", "eer", "recall_at_90_real_pass")
-
 
 def metrics_report(df: pd.DataFrame, threshold: float) -> dict:
     scored = df[df["ok"]]
-    labels, scores = scored["label"].to_numpy(), scored["prob"].to_numpy()
     return {
         "threshold": threshold,
         "n_undecodable": int((~df["ok"]).sum()),
-        "overall": binary_metrics(labels, scores, threshold),
-        "by_source": breakdown(labels, scores, scored["source"], threshold),
-        # each generator's fakes against all reals of the split, so AUC is defined per generator
-        "by_generator": breakdown(labels, scores, scored["generator"], threshold, reals_in_every_group=True),
+        **grouped_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["source"], scored["generator"], threshold),
     }
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "—" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
-
-
-def markdown_table(rows: dict[str, dict], first: str) -> str:
-    head = f"| {first} | " + " | ".join(REPORT_COLUMNS) + " |"
-    sep = "|" + "---|" * (len(REPORT_COLUMNS) + 1)
-    lines = [head, sep]
-    for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(c)) for c in REPORT_COLUMNS) + " |")
-    return "\n".join(lines)
 
 
 def render_markdown(report: dict, title: str) -> str:
@@ -60,15 +38,7 @@ def render_markdown(report: dict, title: str) -> str:
         "`recall_at_90_real_pass`: share of fakes caught when 90 % of real faces pass. "
         "Per generator: that generator's fakes against all reals of the split.",
         "",
-        "## Overall",
-        markdown_table({"all": report["overall"]}, "set"),
-        "",
-        "## By source",
-        markdown_table(report["by_source"], "source"),
-        "",
-        "## By generator",
-        markdown_table(report["by_generator"], "generator"),
-        "",
+        *grouped_tables(report),
     ]
     return "\n".join(parts)
 
@@ -150,7 +120,7 @@ def evaluate_checkpoint(
     markdown = render_markdown(report, f"Evaluation on split '{split}'")
     if videos is not None:
         report["video"] = video_metrics_report(videos, thr, video.aggregator)
-        markdown += "\n" + render_video_markdown(report["video"], markdown_table)
+        markdown += "\n" + render_video_markdown(report["video"])
     out = Path(out_dir)
     plot_roc(df, out / "roc.png")
     video_seconds, n_frames = video_file_totals(df, video_records)

@@ -105,3 +105,13 @@ def breakdown(
             sel = sel | (labels == 0)
         out[str(g)] = binary_metrics(labels[sel], scores[sel], threshold)
     return out
+
+
+def grouped_metrics(labels, scores, sources, generators, threshold: float) -> dict[str, dict]:
+    """Overall, per-source and per-generator metrics: the three tables of every report.
+    Each generator's fakes are scored against all reals, so AUC is defined per generator."""
+    return {
+        "overall": binary_metrics(labels, scores, threshold),
+        "by_source": breakdown(labels, scores, sources, threshold),
+        "by_generator": breakdown(labels, scores, generators, threshold, reals_in_every_group=True),
+    }

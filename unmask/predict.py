@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from detectors.base import Detector
-from unmask.runtime import TorchRuntime, pick_device  # noqa: F401  (pick_device: kept importable from here)
+from unmask.runtime import TorchRuntime
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import pandas as pd
 
 from data.perturb import GridCell, PerturbationGrid, PerturbedDataset
@@ -26,6 +25,7 @@ from unmask.checkpoint import LoadedDetector
 from unmask.io import atomic_save_figure, atomic_write_json, atomic_write_text
 from unmask.metrics import binary_metrics
 from unmask.predict import predict
+from unmask.tables import fmt_cell
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,6 @@ def evaluate_grid(
     return table
 
 
-def _fmt(v) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "—" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
-
-
 def render_robustness_markdown(table: pd.DataFrame, stage: str, n_images: int, title: str = "Robustness") -> str:
     cols = ["family", "severity", "unit", "acc", "auc", "recall_at_90_real_pass", "real_acc", "fake_acc", "d_r"]
     lines = [
@@ -120,13 +114,13 @@ def render_robustness_markdown(table: pd.DataFrame, stage: str, n_images: int, t
         "|" + "---|" * len(cols),
     ]
     for _, r in table.iterrows():
-        lines.append("| " + " | ".join(_fmt(r[c]) if c not in ("severity",) else f"{r[c]:g}" for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt_cell(r[c]) if c not in ("severity",) else f"{r[c]:g}" for c in cols) + " |")
     summary = table[table["family"] != "clean"].groupby("family", sort=False)["d_r"].agg(["mean", "max"])
     lines += ["", "Per family: mean and worst D_r", "", "| family | mean d_r | max d_r |", "|---|---|---|"]
     for fam, r in summary.iterrows():
-        lines.append(f"| {fam} | {_fmt(r['mean'])} | {_fmt(r['max'])} |")
+        lines.append(f"| {fam} | {fmt_cell(r['mean'])} | {fmt_cell(r['max'])} |")
     pert = table[table["family"] != "clean"]
-    lines += ["", f"Mean D_r over all {len(pert)} cells: {_fmt(float(pert['d_r'].mean()))}", ""]
+    lines += ["", f"Mean D_r over all {len(pert)} cells: {fmt_cell(float(pert['d_r'].mean()))}", ""]
     return "\n".join(lines)
 
 

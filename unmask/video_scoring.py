@@ -12,8 +12,9 @@ from data.canonical import Canonicalizer
 from data.records import Record
 from data.video import FrameSampler, VideoFrameDataset, record_video_id
 from unmask.aggregate import ScoreAggregator, aggregate_videos
-from unmask.metrics import binary_metrics, breakdown
+from unmask.metrics import grouped_metrics
 from unmask.predict import predict
+from unmask.tables import grouped_tables
 
 log = logging.getLogger(__name__)
 
@@ -80,19 +81,16 @@ def frame_video_ids(records: list[Record], id_column: str) -> dict[str, str]:
 def video_metrics_report(videos: pd.DataFrame, threshold: float, aggregator: ScoreAggregator) -> dict:
     """Metrics over videos (one aggregated score each), overall, per source and per generator."""
     scored = videos[videos["ok"]]
-    labels, scores = scored["label"].to_numpy(), scored["prob"].to_numpy()
     return {
         "aggregate": aggregator.describe(),
         "n_videos": int(len(videos)),
         "n_undecodable": int((~videos["ok"]).sum()),
-        "overall": binary_metrics(labels, scores, threshold),
-        "by_source": breakdown(labels, scores, scored["source"], threshold),
-        "by_generator": breakdown(labels, scores, scored["generator"], threshold, reals_in_every_group=True),
+        **grouped_metrics(scored["label"].to_numpy(), scored["prob"].to_numpy(), scored["source"], scored["generator"], threshold),
     }
 
 
-def render_video_markdown(report: dict, table: Callable[[dict, str], str]) -> str:
-    """The video section of report.md; ``table`` is the evaluation's markdown table."""
+def render_video_markdown(report: dict) -> str:
+    """The video section of report.md."""
     return "\n".join(
         [
             "## Video level",
@@ -100,14 +98,7 @@ def render_video_markdown(report: dict, table: Callable[[dict, str], str]) -> st
             f"{report['n_videos']} videos, frame scores aggregated by {report['aggregate']}; "
             f"{report['n_undecodable']} undecodable videos left out of the metrics.",
             "",
-            table({"all": report["overall"]}, "set"),
-            "",
-            "### Videos by source",
-            table(report["by_source"], "source"),
-            "",
-            "### Videos by generator",
-            table(report["by_generator"], "generator"),
-            "",
+            *grouped_tables(report, "###", ("Videos overall", "Videos by source", "Videos by generator")),
         ]
     )
 
