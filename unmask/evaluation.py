@@ -2,6 +2,7 @@
 per generator, written as metrics.json, report.md, predictions.csv and roc.png."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import pandas as pd
 
 from data.dataset import ImageDataset
 from data.video import split_videos
+from unmask.attribution import write_attribution
 from unmask.checkpoint import load_detector
 from unmask.io import atomic_save_figure, atomic_write_json, atomic_write_text
+from unmask.localization import write_localization
 from unmask.metrics import grouped_metrics
-from unmask.predict import predict
+from unmask.image_scoring import score_image_records
 from unmask.runtime import build_runtime
 from unmask.tables import grouped_tables
 from unmask.throughput import RunClock, format_throughput, throughput_report
@@ -100,6 +103,8 @@ def evaluate_checkpoint(
     clock = RunClock()
     video = video or VideoOptions()
     loaded = load_detector(ckpt)
+    if loaded.faces is not None and video.face_crops is None:  # videos get the checkpoint's face stage too
+        video = dataclasses.replace(video, face_crops=loaded.faces.frame_crops)
     datamodule.setup()
     if split not in datamodule.records:
         raise ValueError(f"split must be one of {sorted(datamodule.records)}, got {split!r}")
@@ -108,8 +113,10 @@ def evaluate_checkpoint(
     scorer = build_runtime(runtime, loaded, device=device, compile=compile, onnx_model=onnx_model)
     df, seconds = None, 0.0
     if image_records or not video_records:
-        dataset = ImageDataset(image_records, loaded.canonical, train=False, draft_decode=datamodule.draft_decode)
-        df, seconds = predict(loaded.detector, dataset, batch_size=batch_size, num_workers=num_workers, device=device, runtime=scorer)
+        df, seconds = score_image_records(
+            loaded, image_records, batch_size=batch_size, num_workers=num_workers, device=device, runtime=scorer,
+            draft_decode=datamodule.draft_decode,
+        )
     df, videos, video_s = add_video_scores(
         df, loaded.detector, loaded.canonical, image_records, video_records, video, batch_size, num_workers, device, scorer
     )
@@ -123,6 +130,14 @@ def evaluate_checkpoint(
         markdown += "\n" + render_video_markdown(report["video"])
     out = Path(out_dir)
     plot_roc(df, out / "roc.png")
+    attribution = write_attribution(df, loaded.detector, out)  # confusion matrix, when there is a type head
+    if attribution:
+        report["attribution"], section = attribution
+        markdown += "\n" + section
+    localization = write_localization(loaded, image_records, out, batch_size, num_workers, device, datamodule.draft_decode)
+    if localization:  # the split has ground-truth masks: F1 / IoU / pixel AUC (localization.csv)
+        report["localization"], loc_section = localization
+        markdown += "\n" + loc_section
     video_seconds, n_frames = video_file_totals(df, video_records)
     throughput = throughput_report(clock.seconds(), len(image_records), len(video_records), video_seconds, n_frames)
     report.update({"qps_image": throughput["qps_image"], "qps_video": throughput["qps_video"], "throughput": throughput, "runtime": scorer.name})

@@ -6,6 +6,7 @@ printed (and written to ``result_*.metrics.json`` with ``metrics=true``).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from pathlib import Path
@@ -14,14 +15,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from data.dataset import ImageDataset
 from data.records import ListedFilesSource, UnlabelledFolderSource
 from data.video import split_videos
 from unmask.aggregate import aggregate_videos
 from unmask.checkpoint import load_detector
 from unmask.export import contest_filename, decide, parse_threshold, write_contest_csv
 from unmask.io import atomic_write_json, atomic_write_text
-from unmask.predict import predict
+from unmask.image_scoring import score_image_records
 from unmask.runtime import build_runtime
 from unmask.throughput import RunClock, format_throughput, throughput_report
 from unmask.video_scoring import VideoOptions, score_video_frames, video_file_totals
@@ -54,6 +54,8 @@ def run_inference(cfg: DictConfig) -> Path:
     parse_threshold(cfg.threshold)  # a bad value fails now, not after scoring the whole folder
     video = VideoOptions.from_config(cfg.get("video"))
     loaded = load_detector(cfg.ckpt)
+    if loaded.faces is not None and video.face_crops is None:  # videos get the checkpoint's face stage too
+        video = dataclasses.replace(video, face_crops=loaded.faces.frame_crops)
     root = Path(cfg.input)
     records, names_root = input_records(root)
     out_dir = Path(cfg.output_dir)
@@ -68,9 +70,8 @@ def run_inference(cfg: DictConfig) -> Path:
     image_records, video_records = split_videos(records)
     parts, seconds, frames = [], 0.0, pd.DataFrame()
     if image_records:
-        dataset = ImageDataset(image_records, loaded.canonical, train=False)
-        images, seconds = predict(
-            loaded.detector, dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, amp=cfg.amp,
+        images, seconds = score_image_records(
+            loaded, image_records, batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device, amp=cfg.amp,
             runtime=runtime,
         )
         parts.append(images)
@@ -102,9 +103,11 @@ def run_inference(cfg: DictConfig) -> Path:
     if cfg.scores:
         scores_path = out_path.with_suffix(".scores.csv")
         video_cols = ["n_frames", "video_seconds"] if video_records else []
-        cols = df[["name", "prob", "decision", "ok", "error", *video_cols]].sort_values("name")
-        if video_cols:  # images have no frame count: keep the column integer
-            cols = cols.astype({"n_frames": "Int64"})
+        type_cols = [c for c in ("type", "type_prob") if c in df.columns]  # attribution head's forgery type
+        face_cols = [c for c in ("n_faces", "face_fallback", "whole_prob", "face_probs") if c in df.columns]  # face stage
+        cols = df[["name", "prob", "decision", "ok", "error", *face_cols, *type_cols, *video_cols]].sort_values("name")
+        integer = {c: "Int64" for c in ("n_frames", "n_faces") if c in cols}  # not every row has one: keep them integer
+        cols = cols.astype(integer)
         atomic_write_text(scores_path, cols.to_csv(index=False, float_format="%.6f"), errors="surrogateescape")
         log.info("scores written to %s", scores_path)
         if not frames.empty:  # per-frame scores behind each video's row
@@ -123,4 +126,8 @@ def run_inference(cfg: DictConfig) -> Path:
     print(f"throughput ({runtime.name} runtime): {format_throughput(throughput)}")
     if cfg.get("metrics", False):
         atomic_write_json(out_path.with_suffix(".metrics.json"), {"qps_image": throughput["qps_image"], "qps_video": throughput["qps_video"], "throughput": throughput, "runtime": runtime.name})
+    if cfg.get("explain"):  # last, after the contest file and the timing: it can cost neither
+        from unmask.explain_report import write_explanations_from_config
+
+        write_explanations_from_config(loaded, image_records, df, out_path.with_suffix(".explain"), cfg, threshold)
     return out_path

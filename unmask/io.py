@@ -34,6 +34,24 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8", erro
     return path
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Bytes (an encoded PNG) written as atomically as ``atomic_write_text``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=float) + "\n")
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from detectors.base import Detector
+from unmask.attribution import attribution_columns
 from unmask.runtime import TorchRuntime
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ def predict(
     for batch in tqdm(loader, desc="scoring", unit="batch", disable=not progress, leave=False):
         prob = scorer(batch["image"], batch).tolist()
         meta = batch["meta"]
+        # forgery type columns (type, type_prob, p_<class>) when the detector has an attribution head
+        types = attribution_columns(getattr(scorer, "last_extras", {}), getattr(detector, "class_names", None), meta["ok"])
         extra = [k for k in meta if k not in BASE_META]
         for i, p in enumerate(prob):
             ok = bool(meta["ok"][i])
@@ -66,6 +69,8 @@ def predict(
             }
             for k in extra:
                 row[k] = _value(meta[k][i])
+            if types:
+                row.update(types[i])
             rows.append(row)
     seconds = time.perf_counter() - start
     return pd.DataFrame(rows), seconds

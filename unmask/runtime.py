@@ -61,17 +61,24 @@ class TorchRuntime:
         use_amp = amp and self.device.type == "cuda"
         self._autocast = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
         self.compiled: Callable[[Tensor], Tensor] | None = None
+        # Per-class probabilities of the last batch when the detector has an attribution
+        # head (``{"class_prob": (B, C)}``); empty when compiled (the graph returns logits only).
+        self.last_extras: dict[str, Tensor] = {}
         if compile:
             self.compiled = torch.compile(DetectorLogit(self.detector))
 
     def _logit(self, image: Tensor, batch: Mapping | None) -> Tensor:
+        self.last_extras = {}
         if self.compiled is not None:
             try:
                 return self.compiled(image)
             except Exception as e:  # compile errors surface on the first call
                 log.warning("torch.compile failed (%s: %s); scoring eagerly", type(e).__name__, str(e).splitlines()[0][:200])
                 self.compiled = None
-        return self.detector(image, batch).logit
+        out = self.detector(image, batch)
+        if out.class_logits is not None:
+            self.last_extras = {"class_prob": torch.softmax(out.class_logits.float(), dim=1).cpu()}
+        return out.logit
 
     def __call__(self, image: Tensor, batch: Mapping | None = None) -> Tensor:
         image = image.to(self.device, non_blocking=True)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from unmask.config import instantiate_group, is_empty
+from unmask.detector_factory import build_detector
 from unmask.module import DetectionModule
 
 log = logging.getLogger(__name__)
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def build_module(cfg: DictConfig) -> DetectionModule:
     return DetectionModule(
-        detector=instantiate(cfg.detector),
+        detector=build_detector(cfg),
         optimizer=instantiate(cfg.optimizer),
         scheduler=None if is_empty(cfg.get("scheduler")) else instantiate(cfg.scheduler),
         threshold_policy=cfg.get("threshold_policy", "youden"),

@@ -1,0 +1,57 @@
+"""Training augmentation of one sample: an optional forgery synthesiser (``data.sbi``) that
+turns some reals into forged images with exact masks, then the albumentations pixel
+pipeline, which moves landmarks (keypoints) and masks with the pixels.
+
+``configs/augment/*.yaml`` give either a bare albumentations ``Compose`` (pixels only) or a
+``SampleAugment``; the data set accepts both.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+# albumentations counts keypoints in pixel indices (a pixel's centre is its integer index);
+# the data pipeline uses continuous coordinates (the image spans [0, W]): centres at i + 0.5.
+_ALB_OFFSET = 0.5
+
+
+class SampleAugment:
+    def __init__(self, pixels: Callable | None = None, forgery: Callable | None = None) -> None:
+        self.pixels = pixels
+        self.forgery = forgery
+        self._with_keypoints = None
+
+    def _keypoint_pipeline(self):
+        """The pixel pipeline with keypoint support (built once, same transforms)."""
+        if self._with_keypoints is None:
+            import albumentations as A
+
+            transforms = list(getattr(self.pixels, "transforms", [self.pixels]))
+            self._with_keypoints = A.Compose(
+                transforms, keypoint_params=A.KeypointParams(format="xy", remove_invisible=False), p=getattr(self.pixels, "p", 1.0)
+            )
+        return self._with_keypoints
+
+    def apply_pixels(
+        self, image: np.ndarray, mask: np.ndarray | None = None, keypoints: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if self.pixels is None:
+            return image, mask, keypoints
+        args: dict[str, Any] = {"image": image}
+        if mask is not None:
+            args["mask"] = mask
+        if keypoints is None:
+            out = self.pixels(**args)
+            return out["image"], out.get("mask") if mask is not None else None, None
+        args["keypoints"] = np.asarray(keypoints, np.float32) - _ALB_OFFSET
+        out = self._keypoint_pipeline()(**args)
+        moved = np.asarray(out["keypoints"], np.float32).reshape(-1, 2) + _ALB_OFFSET
+        return out["image"], out.get("mask") if mask is not None else None, moved
+
+
+def as_sample_augment(augment: Any) -> SampleAugment | None:
+    """A ``SampleAugment`` from whatever ``configs/augment`` gave (None, a Compose, or one)."""
+    if augment is None or isinstance(augment, SampleAugment):
+        return augment
+    return SampleAugment(pixels=augment)

@@ -1,0 +1,70 @@
+"""Detect once per image and data set: faces keyed by file content *and* analyser.
+
+The cache is one gzip JSON file per analyser key under ``cache_dir``; the key names the
+analyser and every setting that changes its output (``FaceAnalyzer.key``), and each entry is
+keyed by the SHA-1 of the file's bytes, so a renamed or copied file is a hit and an edited
+one a miss. Saves are atomic and periodic during a long detection pass, so an interrupted
+run keeps what it found.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from data.faces.types import Face
+
+log = logging.getLogger(__name__)
+
+
+def content_hash(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FaceCache:
+    def __init__(self, analyzer_key: str, cache_dir: str | Path | None = None) -> None:
+        self.analyzer_key = analyzer_key
+        self.file = Path(cache_dir) / f"faces-{analyzer_key}.json.gz" if cache_dir else None
+        self.entries: dict[str, list[dict]] = {}
+        self.dirty = 0
+        self.hits = self.misses = 0
+        if self.file is not None and self.file.is_file():
+            try:
+                with gzip.open(self.file, "rt", encoding="utf-8") as f:
+                    self.entries = json.load(f)
+            except (OSError, ValueError) as e:  # a damaged cache costs a re-detection, never the run
+                log.warning("face cache %s unreadable (%s); starting a new one", self.file, e)
+
+    def get(self, digest: str) -> list[Face] | None:
+        found = self.entries.get(digest)
+        if found is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return [Face.from_dict(d) for d in found]
+
+    def put(self, digest: str, faces: list[Face]) -> None:
+        self.entries[digest] = [f.to_dict() for f in faces]
+        self.dirty += 1
+
+    def save(self) -> None:
+        if self.file is None or not self.dirty:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=self.file.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as raw, gzip.open(raw, "wt", encoding="utf-8", compresslevel=3) as f:
+                json.dump(self.entries, f, separators=(",", ":"))
+            os.replace(tmp, self.file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.dirty = 0
