@@ -177,10 +177,14 @@ class ImageDataset(Dataset):
             self._cache[key] = out
         return out
 
+    def whole_pixels(self, index: int) -> np.ndarray:
+        """Resized pixels of the whole image of record ``index`` (raises ``ImageDecodeError``)."""
+        return self._resized(index, WHOLE_IMAGE if self.faces is not None else CHOOSE).pixels
+
     def resized_or_blank(self, index: int) -> tuple[np.ndarray, str]:
         """Resized pixels of record ``index`` and "", or a blank canonical-size image and the decode error."""
         try:
-            return self._resized(index, WHOLE_IMAGE if self.faces is not None else CHOOSE).pixels, ""
+            return self.whole_pixels(index), ""
         except ImageDecodeError as e:
             size = self.canonical.size
             return np.zeros((size, size, 3), np.uint8), str(e)
@@ -192,6 +196,13 @@ class ImageDataset(Dataset):
         if self.augment is not None and not error:
             arr = self.augment.apply_pixels(arr)[0]
         return self.canonical.encode(arr, self.train), error
+
+    def plain_sample(self, index: int, arr: np.ndarray, error: str) -> dict:
+        """The sample dict of record ``index`` from finished pixels (no faces, no masks)."""
+        r = self.records[index]
+        image = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+        meta = {"path": r.path, "source": r.source, "generator": r.generator, "group": r.group, "ok": not error, "error": error}
+        return {"image": image, "label": r.label, "meta": meta}
 
     def _rng(self, item: int) -> np.random.Generator:
         # Training draws afresh (python's random is seeded per worker by Lightning); evaluation

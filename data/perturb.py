@@ -272,9 +272,9 @@ class PerturbedDataset(ImageDataset):
             raise ImageDecodeError(hit)
         return hit
 
-    def _resized(self, index: int) -> np.ndarray:
+    def whole_pixels(self, index: int) -> np.ndarray:
         if self.stage == "canonical":
-            return self._cached(index, lambda: super(PerturbedDataset, self)._resized(index))
+            return self._cached(index, lambda: super(PerturbedDataset, self).whole_pixels(index))
         raw = self._cached(index, lambda: decode_image(self.records[index].path, self.max_pixels))
         if self.perturbation is not None:
             raw = self.perturbation(raw, index)
@@ -289,12 +289,15 @@ class PerturbedDataset(ImageDataset):
                 arr = self.canonical.finish(self.canonical.resize_stage(arr), train=False)
         return self.canonical.encode(arr, train=False), error
 
+    def __getitem__(self, index: int) -> dict:
+        return self.plain_sample(index, *self.load_pixels(index))
+
     def warm(self) -> None:
         """Fill the shared cache in this process (before DataLoader workers fork)."""
         for i in range(len(self)):
             try:
                 if self.stage == "canonical":
-                    self._resized(i)
+                    self.whole_pixels(i)
                 else:
                     self._cached(i, lambda: decode_image(self.records[i].path, self.max_pixels))
             except ImageDecodeError:

@@ -24,7 +24,10 @@ from unmask.config import instantiate_group, is_empty
 
 ROOT = Path(unmask.config.PROJECT_ROOT)
 CONFIG_DIR = Path(unmask.config.CONFIG_DIR)
-GROUPS = ("detector", "data", "augment", "canonical", "optimizer", "scheduler", "trainer", "logger", "callbacks", "experiment")
+GROUPS = (
+    "detector", "data", "augment", "canonical", "faces", "attribution", "optimizer", "scheduler", "trainer", "logger",
+    "callbacks", "experiment",
+)
 
 
 def options(group: str) -> list[str]:
@@ -62,14 +65,41 @@ def _check_instantiates(group: str, option: str, cfg: DictConfig, tmp: Path) -> 
         det = instantiate(node)
         det.eval()
         with torch.no_grad():
-            out = det(torch.rand(2, 3, 32, 32))
+            # landmarks as faces=mesh gives them: landmark detectors (rgnet) need them, others ignore the batch
+            out = det(torch.rand(2, 3, 32, 32), {"landmarks": torch.rand(2, 468, 2) * 32})
         assert out.logit.shape == (2,)
     elif group in ("data", "experiment"):
         dm = instantiate(cfg.data, augment=None)  # construction reads no files
         assert dm.batch_size == cfg.data.batch_size and dm.canonical.size == cfg.data.image_size
     elif group == "augment":
-        out = instantiate(node)(image=np.zeros((32, 32, 3), np.uint8))["image"]
-        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+        from data.augment import as_sample_augment
+
+        augment = as_sample_augment(instantiate(node))
+        img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        if augment.forgery is not None:  # a forgery synthesiser turns a real into a fake with a mask
+            forged, label, mask, _ = augment.forgery(img, 0, None, np.random.default_rng(0), donor=None)
+            assert forged.shape == img.shape and label in (0, 1) and mask.shape == (32, 32)
+        out, _, points = augment.apply_pixels(img, np.zeros((32, 32), np.float32), np.array([[5.0, 6.0]]))
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and points.shape == (1, 2)
+    elif group == "faces":
+        if is_empty(node):
+            assert option == "none"
+            return
+        from data.faces.pipeline import FacePipeline
+
+        faces = instantiate(node)
+        assert isinstance(faces, FacePipeline) and faces.num_landmarks >= 1
+        found = faces.analyzer.detect(np.full((64, 64, 3), 128, np.uint8))
+        assert isinstance(found, list)  # a flat grey image: no face, or the template's one
+    elif group == "attribution":
+        from unmask.detector_factory import build_detector
+
+        det = build_detector(OmegaConf.merge(cfg, {"detector": {"pretrained": "none"}}))
+        det.eval()
+        with torch.no_grad():
+            out = det(torch.rand(2, 3, 32, 32))
+        assert out.logit.shape == (2,)
+        assert (out.class_logits is None) == (option == "none")
     elif group == "canonical":
         canon = instantiate(node)
         img = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)

@@ -63,6 +63,7 @@ class FaceCache:
         try:
             with os.fdopen(fd, "wb") as raw, gzip.open(raw, "wt", encoding="utf-8", compresslevel=3) as f:
                 json.dump(self.entries, f, separators=(",", ":"))
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any output
             os.replace(tmp, self.file)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

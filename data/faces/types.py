@@ -39,6 +39,7 @@ class FaceAnalyzer(ABC):
 
     name: str = "analyzer"
     num_landmarks: int = 0
+    eye_indices: tuple | None = None  # (indices of one eye, of the other): crops can level them
 
     @abstractmethod
     def detect(self, rgb: np.ndarray) -> list[Face]: ...
