@@ -230,8 +230,9 @@ def test_relocated_weight_paths(tmp_path, monkeypatch):
 
 
 def test_face_stage_travels_with_the_checkpoint_to_infer(tmp_path, cache_dir):
-    """Train with a face stage (the template analyser), then infer.py on a folder with bad
-    files: every file gets a row, the scores say how many faces each had."""
+    """Train the landmark detector with a face stage (the template analyser), then infer.py
+    with explanations on a folder with bad files: every file gets a row, the scores say how
+    many faces each had, and rgnet's own heatmap (which needs the landmarks) is drawn."""
     from conftest import TINY_TRAIN_OVERRIDES, compose
     from test_infer import _cfg, _make_testset, _read_result
 
@@ -240,13 +241,13 @@ def test_face_stage_travels_with_the_checkpoint_to_infer(tmp_path, cache_dir):
     from unmask.training import train
 
     out = tmp_path / "run"
-    train(compose("train", TINY_TRAIN_OVERRIDES + [f"hydra.run.dir={out}", f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", "faces=template"]))
+    train(compose("train", TINY_TRAIN_OVERRIDES + [f"hydra.run.dir={out}", f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", "faces=template", "detector=rgnet"]))
     ckpt = out / "checkpoints" / "best.ckpt"
     loaded = load_detector(ckpt)
     assert isinstance(loaded.faces, FacePipeline) and loaded.faces.analyzer.name == "template"
 
     names, undecodable = _make_testset(tmp_path / "testset")
-    result = run_inference(_cfg(ckpt, tmp_path / "testset", tmp_path / "res", "scores=true"))
+    result = run_inference(_cfg(ckpt, tmp_path / "testset", tmp_path / "res", "scores=true", "explain=true"))
     rows = _read_result(result)
     assert [r[0] for r in rows] == names
     scores = pd.read_csv(result.with_suffix(".scores.csv"), keep_default_na=False, encoding_errors="surrogateescape")
@@ -258,3 +259,5 @@ def test_face_stage_travels_with_the_checkpoint_to_infer(tmp_path, cache_dir):
     assert good.loc["one_pixel.png", "n_faces"] == 0 and str(good.loc["one_pixel.png", "face_fallback"]) == "True"
     assert ((good["n_faces"].astype(int) == 0) == (good["face_fallback"].astype(str) == "True")).all()
     assert set(scores.loc[scores["ok"].astype(str) == "False", "name"]) == undecodable
+    masks = list(result.with_suffix(".explain").rglob("*.mask.png"))
+    assert len(masks) == len(names) - len(undecodable)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 
-from data.dataset import ImageDataset
 from data.video import split_videos
 from unmask.attribution import write_attribution
 from unmask.checkpoint import load_detector

@@ -13,7 +13,8 @@ score first, self-contained (inline CSS, relative links). An undecodable file ge
 saying "could not decode" and no PNGs. Every file is written atomically.
 
 Maps are computed (``unmask.explain``) on the same canonical pixels the detector scored:
-``ImageDataset(records, loaded.canonical, train=False)``, eager torch, in batches.
+``ImageDataset(records, loaded.canonical, train=False, faces=loaded.faces)`` (with a face
+stage: the most confident face's crop, the whole image when none), eager torch, in batches.
 """
 from __future__ import annotations
 
@@ -149,7 +150,8 @@ def write_explanations(
     out_dir = Path(out_dir)
     rows = _ordered_rows(records, predictions, limit)
     by_path = {r.path: r for r in records}
-    dataset = ImageDataset([by_path[p] for p in rows["path"]], loaded.canonical, train=False)
+    # With a face stage: the top face (the whole image when none), with its landmarks.
+    dataset = ImageDataset([by_path[p] for p in rows["path"]], loaded.canonical, train=False, faces=loaded.faces)
     detector = loaded.detector.to(pick_device(device) if isinstance(device, str) else device)
     dev = next(iter(detector.parameters()), torch.empty(0)).device
     resolved: tuple[str, str | None] | None = None
@@ -164,10 +166,12 @@ def write_explanations(
         if not ok:
             continue
         image = torch.stack([s["image"] for s in ok]).to(dev)
+        # landmark detectors (rgnet) read the landmarks of the batch, the others ignore it
+        batch = {"landmarks": torch.stack([s["landmarks"] for s in ok]).to(dev)} if "landmarks" in ok[0] else None
         if resolved is None:  # decided once: one discovery pass for the whole run
-            resolved = resolve_method(detector, image, None, method, target_layer)
+            resolved = resolve_method(detector, image, batch, method, target_layer)
             log.info("explanations: %s%s", resolved[0], f" on layer {resolved[1]}" if resolved[1] else "")
-        maps = explain_maps(detector, image, None, resolved[0], resolved[1])[:, 0].cpu().numpy()
+        maps = explain_maps(detector, image, batch, resolved[0], resolved[1])[:, 0].cpu().numpy()
         for s, m in zip(ok, maps):
             files[s["meta"]["path"]] = _write_pngs(out_dir, names[s["meta"]["path"]], s["image"], m, mask_threshold, heat)
     cards = [_card(row, files.get(row["path"])) for row in row_list]

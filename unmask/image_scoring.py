@@ -27,7 +27,8 @@ def combine_face_rows(df: pd.DataFrame, faces: FacePipeline) -> pd.DataFrame:
         ok = part["ok"].to_numpy(bool)
         whole_prob = float(whole["prob"].iloc[0]) if len(whole) and bool(whole["ok"].iloc[0]) else None
         face_probs = crops.loc[crops["ok"], "prob"].to_numpy(float)
-        row = part.iloc[0].to_dict()
+        # the row that decides carries the per-row extras (forgery type...): the most suspicious one
+        row = part.loc[part["prob"].fillna(-1.0).idxmax()].to_dict() if ok.any() else part.iloc[0].to_dict()
         row.update(
             prob=faces.combine(face_probs, whole_prob) if ok.any() else float("nan"),
             ok=bool(ok.any()),
