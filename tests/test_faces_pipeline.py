@@ -227,6 +227,10 @@ def test_relocated_weight_paths(tmp_path, monkeypatch):
     assert out["analyzer"]["weights"] == str(weights / "model.pth")
     assert out["analyzer"]["other"] == "/elsewhere/x.npy"  # not found anywhere: left for the analyser's error
     assert out["cache_dir"] == str(tmp_path / "cache" / "faces")
+    shipped = tmp_path / "src"  # a submission ships the weight beside its checkpoint: that copy wins
+    shipped.mkdir()
+    (shipped / "model.pth").write_bytes(b"y")
+    assert relocate_machine_paths(node, beside=shipped)["analyzer"]["weights"] == str(shipped / "model.pth")
 
 
 def test_face_stage_travels_with_the_checkpoint_to_infer(tmp_path, cache_dir):

@@ -40,14 +40,15 @@ def load_detector(path: str | Path, map_location: str | torch.device = "cpu") ->
     threshold = float(state["threshold"]) if "threshold" in state else float(ckpt["unmask"].get("threshold", 0.5))
     canonical = instantiate(config["canonical"])
     faces = config.get("faces") or None
-    faces = instantiate(relocate_machine_paths(faces)) if faces else None
+    faces = instantiate(relocate_machine_paths(faces, beside=path.parent)) if faces else None
     return LoadedDetector(detector, threshold, canonical, config, str(path), faces)
 
 
-def relocate_machine_paths(node: dict) -> dict:
+def relocate_machine_paths(node: dict, beside: Path | None = None) -> dict:
     """The stored config names files of the machine that trained (face weights under its
     ``shared/``, its cache folder). On another machine: a weight file that is not there is
-    looked up by name in this machine's ``shared/weights``, and caches go to this project's."""
+    looked up by name beside the checkpoint (``beside``: how a submission ships them), then in
+    this machine's ``shared/weights``; caches go to this project's."""
     import copy
     import os
 
@@ -62,8 +63,10 @@ def relocate_machine_paths(node: dict) -> dict:
         if key == "cache_dir" and value and not Path(value).parent.is_dir():
             return str(cache)
         if isinstance(value, str) and Path(value).suffix in {".pth", ".pt", ".npy", ".onnx"} and not Path(value).exists():
-            local = shared / Path(value).name
-            return str(local) if local.exists() else value  # still missing: the analyser names the file
+            for folder in ([beside] if beside else []) + [shared]:
+                if (folder / Path(value).name).exists():
+                    return str(folder / Path(value).name)
+            return value  # still missing: the analyser names the file
         return value
 
     return visit(copy.deepcopy(node))
