@@ -21,7 +21,7 @@ from data.faces.crop import apply_affine, crop_face
 from data.faces.pipeline import FacePipeline
 from data.faces.types import Face, FaceAnalyzer
 from data.records import ManifestSource, Record
-from unmask.image_scoring import combine_face_rows
+from unmask.image_scoring import combine_face_rows, score_image_records
 
 SIZE = 64
 
@@ -265,3 +265,28 @@ def test_face_stage_travels_with_the_checkpoint_to_infer(tmp_path, cache_dir):
     assert set(scores.loc[scores["ok"].astype(str) == "False", "name"]) == undecodable
     masks = list(result.with_suffix(".explain").rglob("*.mask.png"))
     assert len(masks) == len(names) - len(undecodable)
+
+
+def test_threshold_is_chosen_again_on_validation_with_per_file_scores(tmp_path, cache_dir):
+    """With faces and the whole image combined by max, a file's score is at least its top
+    face's: the stored threshold must come from validation scored that way, not per face."""
+    from conftest import TINY_TRAIN_OVERRIDES, compose
+
+    from unmask.checkpoint import load_detector
+    from unmask.metrics import choose_threshold
+    from unmask.training import train
+
+    out = tmp_path / "run"
+    faces = ["faces=template", "faces.crop=true", "faces.whole_image=true", "faces.max_faces=2"]
+    cfg = compose("train", TINY_TRAIN_OVERRIDES + [f"hydra.run.dir={out}", f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", *faces])
+    metrics = train(cfg)
+    loaded = load_detector(out / "checkpoints" / "best.ckpt")
+    from hydra.utils import instantiate
+
+    dm = instantiate(cfg.data, augment=None)
+    dm.setup()
+    df, _ = score_image_records(loaded, dm.records["val"], num_workers=0, progress=False)
+    assert (df["n_faces"] == 1).all() and df["whole_prob"].notna().all()  # two samples per file
+    expected = choose_threshold(df["label"].to_numpy(), df["prob"].to_numpy(), "youden")
+    assert loaded.threshold == pytest.approx(expected, abs=1e-6)
+    assert metrics["val/threshold_per_file"] == pytest.approx(expected, abs=1e-6)

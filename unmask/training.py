@@ -49,6 +49,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if best:
         log.info("best checkpoint (selected on val/auc): %s", Path(best).resolve())
         print(f"best checkpoint: {Path(best).resolve()}")
+    if best and getattr(datamodule, "faces", None) is not None and not trainer.fast_dev_run and trainer.is_global_zero:
+        from unmask.calibration import recalibrate_threshold
+
+        threshold = recalibrate_threshold(
+            best, datamodule.records["val"], cfg.get("threshold_policy", "youden"),
+            batch_size=datamodule.eval_batch_size, num_workers=datamodule.num_workers,
+        )
+        if threshold is not None:
+            metrics["val/threshold_per_file"] = threshold
     if cfg.get("test") and best and not trainer.fast_dev_run:
         from unmask.evaluation import evaluate_checkpoint
 
