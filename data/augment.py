@@ -7,9 +7,11 @@ pipeline, which moves landmarks (keypoints) and masks with the pixels.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 # albumentations counts keypoints in pixel indices (a pixel's centre is its integer index);
 # the data pipeline uses continuous coordinates (the image spans [0, W]): centres at i + 0.5.
@@ -21,6 +23,20 @@ class SampleAugment:
         self.pixels = pixels
         self.forgery = forgery
         self._with_keypoints = None
+        self._seeded_for: tuple[int, int] | None = None
+
+    def _seed_pixels(self) -> None:
+        """albumentations keeps its own random generator, seeded from OS entropy, so
+        ``seed_everything`` does not reach it and two runs of one config augment differently.
+        Seed it from torch's seed of this process (a DataLoader worker's is base seed +
+        worker id, drawn from the seeded main process), once per process."""
+        key = (os.getpid(), torch.initial_seed())
+        if self._seeded_for == key:
+            return
+        self._seeded_for = key
+        for pipeline in (self.pixels, self._with_keypoints):
+            if hasattr(pipeline, "set_random_seed"):
+                pipeline.set_random_seed(torch.initial_seed() % 2**32)
 
     def _keypoint_pipeline(self):
         """The pixel pipeline with keypoint support (built once, same transforms)."""
@@ -31,6 +47,7 @@ class SampleAugment:
             self._with_keypoints = A.Compose(
                 transforms, keypoint_params=A.KeypointParams(format="xy", remove_invisible=False), p=getattr(self.pixels, "p", 1.0)
             )
+            self._seeded_for = None  # seed the new pipeline too
         return self._with_keypoints
 
     def apply_pixels(
@@ -38,6 +55,9 @@ class SampleAugment:
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         if self.pixels is None:
             return image, mask, keypoints
+        if keypoints is not None:
+            self._keypoint_pipeline()
+        self._seed_pixels()
         args: dict[str, Any] = {"image": image}
         if mask is not None:
             args["mask"] = mask

@@ -290,3 +290,22 @@ def test_threshold_is_chosen_again_on_validation_with_per_file_scores(tmp_path, 
     expected = choose_threshold(df["label"].to_numpy(), df["prob"].to_numpy(), "youden")
     assert loaded.threshold == pytest.approx(expected, abs=1e-6)
     assert metrics["val/threshold_per_file"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_augmentation_follows_the_run_seed(tmp_path):
+    """albumentations' own generator is seeded from torch's seed: one seed, one augmentation."""
+    import torch
+
+    img = dotted_image(tmp_path / "a.png")
+
+    def first_sample(seed: int):
+        import random
+
+        random.seed(seed)  # the canonical crop position (Lightning seeds python, numpy and torch alike)
+        torch.manual_seed(seed)
+        pixels = A.Compose([A.Rotate(limit=40, p=1.0), A.ColorJitter(p=1.0)])
+        ds = ImageDataset([Record(str(img), 0)], Canonicalizer(size=SIZE, reencode=False, scale_jitter=0.0), augment=pixels, train=True)
+        return ds[0]["image"]
+
+    assert torch.equal(first_sample(0), first_sample(0))
+    assert not torch.equal(first_sample(0), first_sample(1))
