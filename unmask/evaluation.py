@@ -1,5 +1,7 @@
 """evaluate.py's job: score a split with a checkpoint, then metrics overall, per source and
-per generator, written as metrics.json, report.md, predictions.csv and roc.png."""
+per generator, written as metrics.json, report.md, predictions.csv and roc.png; plus
+confusion.png (forgery types) with an attribution head and localization.csv when the split
+has ground-truth masks."""
 from __future__ import annotations
 
 import dataclasses

@@ -15,27 +15,9 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8", errors: str = "strict") -> Path:
-    """``errors="surrogateescape"`` writes file names that are not valid UTF-8 (a zip made
-    on another system) back as their original bytes instead of failing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding=encoding, errors=errors, newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Bytes (an encoded PNG) written as atomically as ``atomic_write_text``."""
+    """Write to a temporary file beside ``path``, fsync, then rename over it: readers see the
+    old file or the new one, never a part (an interrupted run leaves no half-written output)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -50,6 +32,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8", errors: str = "strict") -> Path:
+    """``errors="surrogateescape"`` writes file names that are not valid UTF-8 (a zip made
+    on another system) back as their original bytes instead of failing. No newline
+    translation: the text's own line ends are written."""
+    return atomic_write_bytes(path, text.encode(encoding, errors))
 
 
 def atomic_write_json(path: str | Path, data: Any) -> Path:

@@ -12,11 +12,10 @@ import gzip
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from data.faces.types import Face
+from unmask.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +57,6 @@ class FaceCache:
     def save(self) -> None:
         if self.file is None or not self.dirty:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=self.file.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as raw, gzip.open(raw, "wt", encoding="utf-8", compresslevel=3) as f:
-                json.dump(self.entries, f, separators=(",", ":"))
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like any output
-            os.replace(tmp, self.file)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        payload = json.dumps(self.entries, separators=(",", ":")).encode("utf-8")
+        atomic_write_bytes(self.file, gzip.compress(payload, compresslevel=3))
         self.dirty = 0
