@@ -24,17 +24,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, print_report, run  # noqa: E402
+from unmask.reports.tables import fmt  # noqa: E402
 
 RECIPE = ["experiment=cnnspot_faces_dev", "attribution=coarse", "task_name=attribution_faces_dev"]
 EVAL_DATA = ["data=faces_dev"]
 # --quick: the synthetic smoke set at 32 px, random init, a few steps: proves the plumbing only.
 QUICK_DATA = ["data=synthetic", "data.source.n_per_class=16", "data.source.size=32", "data.image_size=32", "data.num_workers=0"]
-QUICK = ["attribution=coarse", *QUICK_DATA, "detector.pretrained=none", "data.batch_size=8", "trainer.max_epochs=1",
+# The threshold and test scoring of train.py go through the scorer (scoring.*), not data.*.
+QUICK_SCORING = ["scoring.num_workers=0"]
+QUICK = ["attribution=coarse", *QUICK_DATA, *QUICK_SCORING, "detector.pretrained=none", "data.batch_size=8", "trainer.max_epochs=1",
          "trainer.limit_train_batches=2", "++trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "logger=none"]
 
 
 def print_attribution(metrics_json: Path, title: str) -> dict:
-    from unmask.attribution import render_attribution_markdown
+    from unmask.evaluation.attribution import render_attribution_markdown
 
     report = json.loads(Path(metrics_json).read_text())
     print_report(metrics_json, title)
@@ -60,13 +63,13 @@ def main() -> None:
     train_s = run(["train.py", *(QUICK if args.quick else RECIPE), *extra, f"hydra.run.dir={out}", *args.overrides])
     ckpt = out / "checkpoints" / "best.ckpt"
     data = (QUICK_DATA + extra) if args.quick else EVAL_DATA
-    run(["evaluate.py", f"ckpt={ckpt}", *data, "split=val", f"hydra.run.dir={out}/val", *(["num_workers=0"] if args.quick else [])])
+    run(["evaluate.py", f"ckpt={ckpt}", *data, "split=val", f"hydra.run.dir={out}/val", *(QUICK_SCORING if args.quick else [])])
     print(f"\ntraining wall time: {train_s / 60:.1f} min\n")
     print_attribution(out / "val" / "metrics.json", "cnnspot + coarse attribution: validation")
     test = print_attribution(out / "test" / "metrics.json", "cnnspot + coarse attribution: test")
     a, o = test["attribution"], test["overall"]
-    print(f"test: binary AUC {o['auc']:.4f}, acc {o['acc']:.4f}; attribution accuracy {a['accuracy']:.4f}, "
-          f"macro F1 {a['macro_f1']:.4f} over {a['n']} images; confusion matrix plot: {out / 'test' / 'confusion.png'}")
+    print(f"test: binary AUC {fmt(o['auc'])}, acc {fmt(o['acc'])}; attribution accuracy {fmt(a['accuracy'])}, "
+          f"macro F1 {fmt(a['macro_f1'])} over {a['n']} images; confusion matrix plot: {out / 'test' / 'confusion.png'}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, print_report, run  # noqa: E402
+from unmask.reports.tables import fmt  # noqa: E402
 
 
 def main() -> None:
@@ -31,8 +32,8 @@ def main() -> None:
     test = print_report(out / "test" / "metrics.json", "cnnspot on faces-dev: test")
     o = test["overall"]
     worst = min(test["by_source"].items(), key=lambda kv: kv[1]["acc"])
-    print(f"test AUC {o['auc']:.4f} (target >= 0.97), acc {o['acc']:.4f} (>= 0.93), "
-          f"worst source {worst[0]} acc {worst[1]['acc']:.4f} (>= 0.85)")
+    print(f"test AUC {fmt(o['auc'])} (target >= 0.97), acc {fmt(o['acc'])} (>= 0.93), "
+          f"worst source {worst[0]} acc {fmt(worst[1]['acc'])} (>= 0.85)")
 
 
 if __name__ == "__main__":

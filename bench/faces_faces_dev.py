@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from bench.common import ROOT  # noqa: E402
+from unmask.reports.tables import fmt, markdown_table  # noqa: E402
 
 QUICK_LIMIT = 40
 
@@ -33,9 +34,9 @@ def load_analyzer(name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import unmask.config
+    import unmask.core.config
 
-    with initialize_config_dir(config_dir=unmask.config.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=unmask.core.config.CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"faces={name}", *overrides])
     return instantiate(cfg.faces.analyzer), Path(cfg.paths.shared_dir), cfg.faces.cache_dir
 
@@ -78,12 +79,10 @@ def summarise(results: list[dict], key) -> dict:
 
 def markdown(table: dict, first: str) -> str:
     cols = ["images", "undecodable", "detection_rate", "faces_per_image", "mean_top_score", "ms_per_image"]
-    lines = [f"| {first} | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for name, m in table.items():
-        cells = [f"{m[c]:.1f}" if c == "ms_per_image" else f"{m[c]:.3f}" if isinstance(m[c], float) else str(m[c])
-                 for c in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(
+        [first, *cols],
+        ([name, *(fmt(m[c], 1 if c == "ms_per_image" else 3) for c in cols)] for name, m in table.items()),
+    )
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.common import ROOT  # noqa: E402
+from unmask.reports.tables import fmt, markdown_table  # noqa: E402
 
 
 def gradient_throughput(size: int, images: int, batch: int) -> None:
@@ -44,11 +45,12 @@ def gradient_throughput(size: int, images: int, batch: int) -> None:
         results[mode] = (images / seconds, maps)
     ref = results["loop"][1]
     print(f"\n## LGrad gradient maps/s (MobileNetV2 source, {size}x{size}, {images} images, {torch.get_num_threads()} threads)\n")
-    print("| mode | maps/s | speed-up vs one at a time | max abs diff of 0-255 maps vs one at a time |")
-    print("|---|---|---|---|")
-    for mode, (rate, maps) in results.items():
-        label = {"batched": f"one batched backward (batch {batch})", "vmap": f"vmap over single images (batch {batch})", "loop": "one image at a time (reference)"}[mode]
-        print(f"| {label} | {rate:.1f} | {rate / results['loop'][0]:.2f}x | {(maps - ref).abs().max().item():.0f} |")
+    labels = {"batched": f"one batched backward (batch {batch})", "vmap": f"vmap over single images (batch {batch})", "loop": "one image at a time (reference)"}
+    print(markdown_table(
+        ["mode", "maps/s", "speed-up vs one at a time", "max abs diff of 0-255 maps vs one at a time"],
+        ([labels[mode], fmt(rate, 1), fmt(rate / results["loop"][0], 2) + "x", fmt((maps - ref).abs().max().item(), 0)]
+         for mode, (rate, maps) in results.items()),
+    ))
 
 
 def univfd_epoch_times(limit: int, epochs: int, threads: int, cache_dir: Path | None) -> tuple[list[tuple[float, float]], float]:
@@ -104,11 +106,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="univfd_cache_") as cache:
         cached, cached_total = univfd_epoch_times(args.univfd_limit, args.univfd_epochs, args.threads, Path(cache))
     print(f"\n## UnivFD (EfficientNet-Lite2 probe) on faces-dev, limit_per_split={args.univfd_limit}, {args.univfd_epochs} epochs\n")
-    print("| epoch | train s, no cache | train s, cache | val s, no cache | val s, cache |")
-    print("|---|---|---|---|---|")
-    for i, ((pt, pv), (ct, cv)) in enumerate(zip(plain, cached)):
-        print(f"| {i} | {pt:.1f} | {ct:.1f} | {pv:.1f} | {cv:.1f} |")
-    print(f"| whole train.py run (s) | {plain_total:.1f} | {cached_total:.1f} | | |")
+    rows = [[i, fmt(pt, 1), fmt(ct, 1), fmt(pv, 1), fmt(cv, 1)] for i, ((pt, pv), (ct, cv)) in enumerate(zip(plain, cached))]
+    rows.append(["whole train.py run (s)", fmt(plain_total, 1), fmt(cached_total, 1), "", ""])
+    print(markdown_table(["epoch", "train s, no cache", "train s, cache", "val s, no cache", "val s, cache"], rows))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, run  # noqa: E402
+from unmask.reports.tables import fmt, markdown_table  # noqa: E402
 
 DETECTORS = ("cnnspot", "rgnet")
 
@@ -60,6 +60,7 @@ QUICK = [
     "data.image_size=32",
     "data.batch_size=8",
     "data.num_workers=0",
+    "scoring.num_workers=0",  # the validation threshold and the test step score through the scorer
     "detector.pretrained=none",
     "trainer.max_epochs=1",
     "trainer.limit_train_batches=2",
@@ -72,22 +73,17 @@ QUICK = [
 COLUMNS = ("auc", "acc", "balanced_acc")
 
 
-def cell(metrics: dict | None, key: str) -> str:
-    value = None if metrics is None else metrics.get(key)
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
-
-
 def side_by_side(reports: dict[str, dict], section: str, first: str) -> str:
     """One markdown table: a row per group, ``n`` then AUC / acc / balanced acc per detector."""
     names = list(reports)
     groups = sorted({g for r in reports.values() for g in r[section]})
-    header = f"| {first} | n | " + " | ".join(f"{name} {c}" for name in names for c in COLUMNS) + " |"
-    lines = [header, "|" + "---|" * (2 + len(names) * len(COLUMNS))]
+    header = [first, "n", *(f"{name} {c}" for name in names for c in COLUMNS)]
+    rows = []
     for g in groups:
-        rows = {name: reports[name][section].get(g) for name in names}
-        n = next((r["n"] for r in rows.values() if r is not None), "—")
-        lines.append(f"| {g} | {n} | " + " | ".join(cell(rows[name], c) for name in names for c in COLUMNS) + " |")
-    return "\n".join(lines)
+        found = {name: reports[name][section].get(g) or {} for name in names}
+        n = next((m["n"] for m in found.values() if m), None)
+        rows.append([g, n, *(found[name].get(c) for name in names for c in COLUMNS)])
+    return markdown_table(header, rows)
 
 
 def main() -> None:
@@ -116,7 +112,7 @@ def main() -> None:
     reports = {name: json.loads((out / name / "test" / "metrics.json").read_text()) for name in chosen}
     print(f"\n# rgnet vs cnnspot on {'synthetic (--quick)' if args.quick else 'faces-dev face crops'}: test split\n")
     print("train.py wall time (min): " + ", ".join(f"{n} {m:.1f}" for n, m in minutes.items()) + "\n")
-    print("Thresholds chosen on validation: " + ", ".join(f"{n} {r['threshold']:.4f}" for n, r in reports.items()) + "\n")
+    print("Thresholds chosen on validation: " + ", ".join(f"{n} {fmt(r['threshold'])}" for n, r in reports.items()) + "\n")
     print("## Overall\n")
     print(side_by_side({n: {"overall": {"all": r["overall"]}} for n, r in reports.items()}, "overall", "set") + "\n")
     print("## By source\n")

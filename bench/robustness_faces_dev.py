@@ -4,8 +4,9 @@
    pairs of faces-dev training images (``pretrain_osn.py``);
 2. ``logo``: leave-one-generator-out with the reduced cnnspot recipe: one model on all
    generators (``logo/base``, also the reduced "without OSN" model) and one per held-out
-   generator, then D_g per generator (``python -m unmask.generalization``);
-3. ``osn``: the same reduced recipe with OSN-robust training (``experiment=osn_robust``);
+   generator, then D_g per generator (``python -m unmask.robustness.generalization``);
+3. ``osn``: the same reduced recipe with OSN-robust training (``experiment=osn_robust``: the
+   ``osn=robust`` wrapper around cnnspot, with the simulator of stage 1);
 4. ``grid``: the spec's perturbation grid (``perturb=spec``) on a class-balanced subset of
    the test split for the lead's full cnnspot checkpoint, the reduced plain model and the
    reduced OSN model;
@@ -49,13 +50,14 @@ def stage_pretrain(out: Path) -> Path:
 
 def stage_logo(out: Path) -> None:
     if not (out / "logo" / "logo.md").is_file():
-        run(["-m", "unmask.generalization", "--out", str(out / "logo"), "--generators", *GENERATORS, "--", "experiment=cnnspot_faces_dev", *REDUCED])
+        run(["-m", "unmask.robustness.generalization", "--out", str(out / "logo"), "--generators", *GENERATORS, "--",
+             "experiment=cnnspot_faces_dev", *REDUCED])
 
 
 def stage_osn(out: Path, weights: Path) -> None:
     if not (out / "osn" / "checkpoints" / "best.ckpt").is_file():
-        run(["train.py", "experiment=osn_robust", *REDUCED, f"detector.simulator.base_channels={SIMULATOR_WIDTH}",
-             f"detector.simulator.weights={weights}", "test=false", f"hydra.run.dir={out / 'osn'}"])
+        run(["train.py", "experiment=osn_robust", *REDUCED, f"osn.simulator.base_channels={SIMULATOR_WIDTH}",
+             f"osn.simulator.weights={weights}", "test=false", f"hydra.run.dir={out / 'osn'}"])
 
 
 def models(out: Path, plain_ckpt: Path) -> dict[str, Path]:
@@ -80,25 +82,27 @@ def stage_grid(out: Path, plain_ckpt: Path, subset: int, pgd_steps: int, only: l
 def stage_summary(out: Path, plain_ckpt: Path) -> None:
     import pandas as pd
 
-    from unmask.io import atomic_write_text
-    from unmask.robustness import plot_robustness_curves
+    from data.io import atomic_write_text
+    from unmask.reports.plots import plot_robustness_curves
+    from unmask.reports.tables import markdown_table
 
     tables = {n: pd.read_csv(out / "grid" / n / "robustness.csv") for n in models(out, plain_ckpt) if (out / "grid" / n / "robustness.csv").is_file()}
     lines = ["# Robustness on faces-dev (test subset)", ""]
     if tables:
         first = next(iter(tables.values()))
         cols = ["family", "severity"] + [f"{m} {n}" for n in tables for m in ("acc", "auc", "d_r")]
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        for i, r in first.iterrows():
-            cells = [r["family"], f"{r['severity']:g}"]
-            for t in tables.values():
-                cells += [f"{t.loc[i, m]:.4f}" for m in ("acc", "auc", "d_r")]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", "| model | images | clean acc | clean auc | mean D_r (all cells) | mean D_r (no attacks) | max D_r |", "|---|---|---|---|---|---|---|"]
+        lines.append(markdown_table(cols, (
+            [r["family"], f"{r['severity']:g}", *(t.loc[i, m] for t in tables.values() for m in ("acc", "auc", "d_r"))]
+            for i, r in first.iterrows()
+        )))
+        summary = []
         for n, t in tables.items():
             p = t[t["family"] != "clean"]
             na = p[~p["family"].isin(["fgsm", "pgd"])]
-            lines.append(f"| {n} | {int(t.loc[0, 'n'])} | {t.loc[0, 'acc']:.4f} | {t.loc[0, 'auc']:.4f} | {p['d_r'].mean():.4f} | {na['d_r'].mean():.4f} | {p['d_r'].max():.4f} |")
+            summary.append([n, int(t.loc[0, "n"]), t.loc[0, "acc"], t.loc[0, "auc"], p["d_r"].mean(), na["d_r"].mean(), p["d_r"].max()])
+        lines += ["", markdown_table(
+            ["model", "images", "clean acc", "clean auc", "mean D_r (all cells)", "mean D_r (no attacks)", "max D_r"], summary
+        )]
         plot_robustness_curves(tables, out / "robustness_curves.png")
     logo = out / "logo" / "logo.md"
     if logo.is_file():

@@ -27,10 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, run  # noqa: E402
+from unmask.reports.tables import fmt, markdown_table  # noqa: E402
 
 QUICK = [  # data=synthetic, tiny and random init: proves the plumbing, not accuracy
     "data=synthetic", "data.source.n_per_class=24", "data.source.size=32", "data.image_size=32",
-    "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+    "data.num_workers=0", "scoring.num_workers=0", "data.batch_size=8", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
     "++trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "logger=none", "detector.pretrained=none",
 ]
 
@@ -44,54 +45,56 @@ def recipe(args) -> list[str]:
 def blended_test_split(out: Path, args) -> dict:
     """(a)'s held-out split: test reals, SelfBlend p=0.5 with the data set's fixed seed."""
     import torch
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from data.augment import SampleAugment
-    from data.dataset import ImageDataset
-    from unmask.checkpoint import load_detector
-    from unmask.localization import evaluate_localization, render_localization_markdown
-    from unmask.metrics import binary_metrics
-    from unmask.predict import predict
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import compose  # the same composition as train.py
+    from data.io import atomic_write_json, atomic_write_text
+    from unmask.core.checkpoint import load_detector
+    from unmask.core.config import CONFIG_DIR
+    from unmask.core.metrics import binary_metrics
+    from unmask.core.schemas import ScoringConfig
+    from unmask.evaluation.localization import Localization, render_localization_markdown
+    from unmask.explain.gradcam import ForgeryMaps
+    from unmask.scoring.scorer import Scorer
 
     torch.set_num_threads(2)
-    cfg = compose("train", recipe(args) + list(args.overrides) + ["augment=sbi", f"paths.output_dir={out}"])
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):  # the same composition as train.py
+        cfg = compose(config_name="train", overrides=recipe(args) + list(args.overrides) + ["augment=sbi", f"paths.output_dir={out}"])
     datamodule = instantiate(cfg.data, augment=None)
     datamodule.setup()
     reals = [r for r in datamodule.records["test"] if r.label == 0]
     loaded = load_detector(out / "checkpoints" / "best.ckpt")
     forgery = instantiate(cfg.augment.forgery, p=0.5)  # the training forgery settings, fixed p
-    dataset = ImageDataset(
-        reals, loaded.canonical, augment=SampleAugment(pixels=None, forgery=forgery), train=False,
-        faces=loaded.faces, seed=1234,
-    )
-    per_image, summary = evaluate_localization(loaded.detector, dataset, batch_size=32, num_workers=0, device="cpu")
-    per_image.to_csv(out / "blended_test_localization.csv", index=False)
-    df, _ = predict(loaded.detector, dataset, batch_size=32, num_workers=0, device="cpu", progress=False)
-    scored = df[df["ok"]]
+    scorer = Scorer(loaded, ScoringConfig(batch_size=32, num_workers=0, device="cpu", progress=False))
+    dataset = scorer.dataset(reals, augment=SampleAugment(pixels=None, forgery=forgery), seed=1234)
+    # One pass: the file scores (image level) and the detector's own forgery maps (pixel level).
+    localization = Localization()
+    scores = scorer.score(dataset, evaluators=[localization], explainer=ForgeryMaps("own", required=False))
+    summary = localization.compute(scores, loaded.threshold)
+    per_image = localization.per_image.assign(mask_from=summary["mask_from"])
+    atomic_write_text(out / "blended_test_localization.csv", per_image.to_csv(index=False))
+    scored = scores.usable()
     summary["image_level"] = binary_metrics(scored["label"], scored["prob"], loaded.threshold)
-    (out / "blended_test_localization.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(out / "blended_test_localization.json", summary)
     print(render_localization_markdown(summary))
     il = summary["image_level"]
-    print(f"image level, blended vs clean test reals: AUC {il['auc']:.4f}, acc {il['acc']:.4f} "
+    print(f"image level, blended vs clean test reals: AUC {fmt(il['auc'])}, acc {fmt(il['acc'])} "
           f"({il['n_fake']} blended, {il['n_real']} clean)\n")
     return summary
 
 
 def side_by_side(light: dict, sbi: dict) -> str:
-    lines = ["| group | n | acc light | acc sbi | AUC light | AUC sbi |", "|---|---|---|---|---|---|"]
+    rows = []
 
     def row(name, a, b):
-        f = lambda m, k: "n/a" if m is None or m.get(k) is None or m[k] != m[k] else f"{m[k]:.4f}"  # noqa: E731
-        lines.append(f"| {name} | {a.get('n', '')} | {f(a, 'acc')} | {f(b, 'acc')} | {f(a, 'auc')} | {f(b, 'auc')} |")
+        rows.append([name, a.get("n", ""), a.get("acc"), b.get("acc"), a.get("auc"), b.get("auc")])
 
     row("overall", light["overall"], sbi["overall"])
     for key, title in (("by_source", "source"), ("by_generator", "generator")):
         for name in sorted(set(light[key]) | set(sbi[key])):
             row(f"{title}: {name}", light[key].get(name, {}), sbi[key].get(name, {}))
-    return "\n".join(lines)
+    return markdown_table(["group", "n", "acc light", "acc sbi", "AUC light", "AUC sbi"], rows)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import ROOT  # noqa: E402
+from unmask.reports.tables import fmt, markdown_table  # noqa: E402
 
 TARGET_E2E_RATIO = 0.8  # issue 7: end-to-end >= 0.8 x forward-only (default detector)
 TARGET_ONNX_SPEEDUP = 1.3  # issue 7: ONNX >= 1.3 x eager PyTorch on CPU
@@ -85,13 +86,14 @@ def build(name: str, size: int):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import unmask.config
+    import unmask.core.config
     from detectors.backbones import skip_pretrained
+    from unmask.core.build import build_detector
 
-    with initialize_config_dir(config_dir=unmask.config.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=unmask.core.config.CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", [f"detector={name}", f"data.image_size={size}", "paths.output_dir=/tmp", "hydra.run.dir=/tmp"])
     with skip_pretrained():
-        detector = instantiate(cfg.detector)
+        detector = build_detector(cfg)  # the detector and its wrapper groups (none by default)
     return detector.eval(), instantiate(cfg.canonical)
 
 
@@ -135,19 +137,25 @@ def onnx_computes(path: Path) -> bool:
 
 
 def bench_detector(name: str, args, records, device: torch.device, peak: float) -> dict:
-    from data.dataset import ImageDataset
-    from unmask.predict import predict
-    from unmask.runtime import OnnxRuntime, TorchRuntime
+    from unmask.core.checkpoint import LoadedDetector
+    from unmask.core.schemas import ScoringConfig
+    from unmask.scoring.runtimes import OnnxRuntime, TorchRuntime
+    from unmask.scoring.scorer import Scorer
 
     detector, canonical = build(name, args.size)
-    dataset = ImageDataset(records, canonical, train=False)
-    batch = torch.stack([dataset[i]["image"] for i in range(args.batch_size)])
+    # End to end = the one scoring loop (decode, canonicalise, model, per-file rows) with the
+    # runtime under test; a random-weight detector with no face stage and a nominal threshold.
+    loaded = LoadedDetector(detector, 0.5, canonical, config={}, path=f"<random {name}>")
+    options = ScoringConfig(batch_size=args.batch_size, num_workers=args.workers, device=str(device), progress=False)
+    scorer = Scorer(loaded, options)
+    dataset = scorer.dataset(records)
+    batch = torch.stack([dataset[i][0]["image"] for i in range(args.batch_size)])  # one view per file
     result: dict = {"detector": name, "load_before": load_average()}
     flops = forward_flops(detector, batch)
     result["gflops_per_image"] = flops / args.batch_size / 1e9
 
     def end_to_end(runtime):
-        predict(detector, dataset, batch_size=args.batch_size, num_workers=args.workers, progress=False, runtime=runtime)
+        scorer.score(dataset, runtime=runtime, progress=False)
 
     n_batches = max(1, len(records) // args.batch_size)  # as many images as one end-to-end pass
 
@@ -161,7 +169,7 @@ def bench_detector(name: str, args, records, device: torch.device, peak: float) 
 
     runtimes = {}
     if device.type == "cpu" and not args.no_onnx:  # first: the export leaves the weights contiguous
-        from unmask.onnx_export import export_onnx
+        from unmask.scoring.onnx_export import export_onnx
 
         try:
             path = Path(tempfile.mkdtemp(prefix="bench_onnx_")) / f"{name}.onnx"
@@ -170,8 +178,8 @@ def bench_detector(name: str, args, records, device: torch.device, peak: float) 
             result["onnx_export_seconds"] = time.perf_counter() - t0
             onnx = OnnxRuntime(path)
             with torch.inference_mode():
-                ref = torch.sigmoid(detector(batch).logit.float())
-            result["onnx_max_prob_diff"] = float((onnx(batch) - ref).abs().max())
+                ref = torch.sigmoid(detector(batch).logit.float()).reshape(-1)
+            result["onnx_max_prob_diff"] = float((onnx(batch).prob - ref).abs().max())
             if onnx_computes(path):
                 runtimes["onnx"] = onnx
             else:
@@ -192,7 +200,7 @@ def bench_detector(name: str, args, records, device: torch.device, peak: float) 
     for _ in range(args.repeats):
         for key, runtime in runtimes.items():
             times[key]["forward"] += time_it(forward(runtime), 1)
-            times[key]["end_to_end"] += time_it(lambda: end_to_end(runtime), 1)
+            times[key]["end_to_end"] += time_it(lambda runtime=runtime: end_to_end(runtime), 1)
     for key in runtimes:
         fwd, fwd_best = rate(args.batch_size * n_batches, times[key]["forward"])
         e2e, e2e_best = rate(len(records), times[key]["end_to_end"])
@@ -213,6 +221,35 @@ def bench_detector(name: str, args, records, device: torch.device, peak: float) 
 
 
 def render(results: list[dict], env: dict, args) -> str:
+    def rate_cell(m: dict, key: str) -> str:
+        return f"{fmt(m[key], 1)} ({fmt(m[key + '_best'], 1)})"
+
+    speed = []
+    for r in results:
+        if "error" in r:
+            speed.append([r["detector"], "—", "—", f"skipped: {r['error']}", "", "", "", ""])
+            continue
+        for key in ("eager", "compiled", "onnx"):
+            if key not in r:
+                continue
+            m = r[key]
+            speed.append([
+                r["detector"], key, fmt(r["gflops_per_image"], 3), rate_cell(m, "forward_images_per_s"),
+                rate_cell(m, "end_to_end_images_per_s"), fmt(m["ratio_end_to_end_over_forward"], 2),
+                fmt(m["forward_flops_per_s"] / 1e9, 1), f"{fmt(100 * m['forward_share_of_matmul_peak'], 1)} %",
+            ])
+    onnx = []
+    for r in results:
+        if "error" in r:
+            continue
+        load = f"{r['load_before']} -> {r['load_after']}"
+        if "onnx_speedup_forward" in r:
+            onnx.append([
+                r["detector"], f"{fmt(r['onnx_speedup_forward'], 2)}x", f"{fmt(r['onnx_speedup_end_to_end'], 2)}x",
+                f"{r['onnx_max_prob_diff']:.1e}", load,
+            ])
+        else:
+            onnx.append([r["detector"], r.get("onnx_error", "not run"), "", "", load])
     lines = [
         "# Throughput",
         "",
@@ -220,36 +257,16 @@ def render(results: list[dict], env: dict, args) -> str:
         f"device {env['device']}; {args.images} JPEGs 256x256 -> {args.size}x{args.size}, batch {args.batch_size}, "
         f"{args.workers} DataLoader workers, median of {args.repeats} (best in brackets).",
         f"Matrix-multiply peak (fp32 {env['matmul_n']}x{env['matmul_n']}, best of the start and end measurements): "
-        f"{env['matmul_peak_gflops']:.1f} GFLOP/s. "
+        f"{fmt(env['matmul_peak_gflops'], 1)} GFLOP/s. "
         f"Load at start: {env['load_start']}; at end: {env['load_end']}.",
         "",
-        "| detector | runtime | GFLOP/img | forward img/s | end-to-end img/s | e2e / forward | forward GFLOP/s | % of matmul peak |",
-        "|---|---|---|---|---|---|---|---|",
+        markdown_table(
+            ["detector", "runtime", "GFLOP/img", "forward img/s", "end-to-end img/s", "e2e / forward", "forward GFLOP/s", "% of matmul peak"],
+            speed,
+        ),
+        "",
+        markdown_table(["detector", "ONNX / eager (forward)", "ONNX / eager (end to end)", "max abs prob diff", "load before -> after"], onnx),
     ]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['detector']} | — | — | skipped: {r['error']} | | | | |")
-            continue
-        for key in ("eager", "compiled", "onnx"):
-            if key not in r:
-                continue
-            m = r[key]
-            lines.append(
-                f"| {r['detector']} | {key} | {r['gflops_per_image']:.3f} | {m['forward_images_per_s']:.1f} ({m['forward_images_per_s_best']:.1f}) | "
-                f"{m['end_to_end_images_per_s']:.1f} ({m['end_to_end_images_per_s_best']:.1f}) | {m['ratio_end_to_end_over_forward']:.2f} | "
-                f"{m['forward_flops_per_s'] / 1e9:.1f} | {100 * m['forward_share_of_matmul_peak']:.1f} % |"
-            )
-    lines += ["", "| detector | ONNX / eager (forward) | ONNX / eager (end to end) | max abs prob diff | load before -> after |", "|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            continue
-        if "onnx_speedup_forward" in r:
-            lines.append(
-                f"| {r['detector']} | {r['onnx_speedup_forward']:.2f}x | {r['onnx_speedup_end_to_end']:.2f}x | {r['onnx_max_prob_diff']:.1e} | "
-                f"{r['load_before']} -> {r['load_after']} |"
-            )
-        else:
-            lines.append(f"| {r['detector']} | {r.get('onnx_error', 'not run')} | | | {r['load_before']} -> {r['load_after']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -269,8 +286,8 @@ def main() -> None:
 
     import onnxruntime
 
-    from unmask.io import atomic_write_json, atomic_write_text
-    from unmask.runtime import pick_device
+    from data.io import atomic_write_json, atomic_write_text
+    from unmask.scoring.runtimes import pick_device
 
     device = pick_device(args.device)
     env = {
@@ -286,7 +303,7 @@ def main() -> None:
     print(f"[{env['load_start']}] measuring the matrix-multiply peak...", flush=True)
     peak = matmul_peak(device)
     env["matmul_peak_gflops"] = peak / 1e9
-    print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s (fp32 2048^3, best of 8)", flush=True)
+    print(f"matmul peak: {fmt(peak / 1e9, 1)} GFLOP/s (fp32 2048^3, best of 8)", flush=True)
     records = image_set(args.images)
     results = []
     for name in args.detectors or detector_names():
@@ -315,11 +332,11 @@ def main() -> None:
     default = next((r for r in results if r["detector"] == "cnnspot" and "eager" in r), None)
     if default:
         ratio = default["eager"]["ratio_end_to_end_over_forward"]
-        line = f"cnnspot: end-to-end / forward {ratio:.2f} (target >= {TARGET_E2E_RATIO})"
+        line = f"cnnspot: end-to-end / forward {fmt(ratio, 2)} (target >= {TARGET_E2E_RATIO})"
         if "onnx_speedup_forward" in default:
             line += (
-                f"; ONNX / eager forward {default['onnx_speedup_forward']:.2f}x, end to end "
-                f"{default['onnx_speedup_end_to_end']:.2f}x (target >= {TARGET_ONNX_SPEEDUP}x)"
+                f"; ONNX / eager forward {fmt(default['onnx_speedup_forward'], 2)}x, end to end "
+                f"{fmt(default['onnx_speedup_end_to_end'], 2)}x (target >= {TARGET_ONNX_SPEEDUP}x)"
             )
         print(line)
 

@@ -8,7 +8,8 @@ pipeline, which moves landmarks (keypoints) and masks with the pixels.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader

@@ -1,18 +1,8 @@
-"""The one sample dict every detector consumes.
+"""Data sets of image files: ``ImageDataset`` (one sample per file, for training and
+validation) and ``ViewsDataset`` (every view of a file that the scorer scores).
 
-``{"image": float tensor 3xHxW in [0, 1] (RGB), "label": 0 real / 1 fake / -1 unknown,
-   "meta": {"path", "source", "generator", "group", "ok", "error"}}``
-plus, when the data set has a face stage (``faces``):
-``"landmarks"``: float (L, 2) x, y in pixels of ``image`` (continuous coordinates: the image
-spans [0, W] x [0, H]), and ``meta["face_found"]``, ``meta["face_index"]`` (-1: whole image);
-plus, when it has masks (a mask file per image, or a forgery synthesiser in ``augment``):
-``"mask"``: float (1, H, W) in [0, 1] (1 = forged pixel) and ``meta["mask_ok"]`` (False: no
-ground truth for this sample, pixel losses and metrics skip it).
-
-Detectors normalise inside their own ``forward`` (each has its own mean/std), so data,
-perturbations and adversarial attacks all work in one pixel space. ``meta.ok`` is False
-when the file could not be decoded: the sample then carries a blank image, the training
-loss and metrics mask it out, and inference writes the configured fallback label.
+The samples follow ``data.sample`` (the sample dict). Detectors normalise inside their own
+``forward``, so data, perturbations and adversarial attacks all work in one pixel space.
 
 Geometry: every step that moves pixels (face crop, resize, rescale, crop) also yields its
 3x3 map, so landmarks and masks stay aligned with the pixels; albumentations moves them
@@ -22,13 +12,14 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from data.augment import as_sample_augment
 from data.canonical import Canonicalizer
@@ -36,6 +27,7 @@ from data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from data.faces.crop import apply_affine, warp_mask
 from data.faces.pipeline import FacePipeline
 from data.records import Record
+from data.sample import make_sample
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +56,11 @@ def load_mask(path: str, size: tuple[int, int]) -> np.ndarray:
 
 
 class ImageDataset(Dataset):
-    """``faces``: a ``FacePipeline`` (``configs/faces``); ``expand_faces``: one sample per
-    face plus the whole image (inference and evaluation combine them back per file), else
-    one sample per file (training: the top face, or the whole image with
-    ``faces.train_whole_image_p``; evaluation: the top face, the whole image when none).
-    ``masks``: carry a ``mask`` in every sample (None: when any record has a mask file or
-    ``augment`` synthesises forgeries)."""
+    """One sample per file. With ``faces`` (a ``FacePipeline``, ``configs/faces``) the sample
+    is the top face (training: the whole image with probability
+    ``faces.train_whole_image_p``), the whole image when no face is found. ``masks``: carry
+    a ``mask`` in every sample (None: when any record has a mask file or ``augment``
+    synthesises forgeries)."""
 
     def __init__(
         self,
@@ -81,7 +72,6 @@ class ImageDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         draft_decode: bool = True,
         faces: FacePipeline | None = None,
-        expand_faces: bool = False,
         masks: bool | None = None,
         seed: int = 0,
     ) -> None:
@@ -96,29 +86,15 @@ class ImageDataset(Dataset):
         self.seed = int(seed)
         forgery = self.augment is not None and self.augment.forgery is not None
         self.has_masks = bool(masks) if masks is not None else (forgery or any(r.mask for r in records))
-        self.items: list[tuple[int, int | None]] = self._items(expand_faces)
         # Per-process cache of decoded + resized pixels (the expensive, deterministic part);
         # each DataLoader worker fills its own, so keep workers persistent when caching.
         self._cache: dict[tuple[int, int | None], _Resized | str] = {}
         self._reals = [i for i, r in enumerate(records) if r.label == 0]
 
-    def _items(self, expand_faces: bool) -> list[tuple[int, int | None]]:
-        if self.faces is None or not expand_faces:
-            return [(i, CHOOSE) for i in range(len(self.records))]
-        items = []
-        for i, r in enumerate(self.records):
-            try:
-                n = len(self.faces.faces(r.path))
-            except ImageDecodeError:
-                n = 0  # the whole-image item reports the decode error
-            if self.faces.whole_image or n == 0:
-                items.append((i, WHOLE_IMAGE))
-            items += [(i, k) for k in range(n)]
-        return items
-
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.records)
 
+    # ---- decoding and geometry ------------------------------------------------------
     def _resolve_face(self, face_index: int | None, n_faces: int) -> int:
         if face_index is not CHOOSE:
             return face_index
@@ -128,20 +104,16 @@ class ImageDataset(Dataset):
             return WHOLE_IMAGE
         return 0
 
-    def _decode_resize(self, index: int, face_index: int | None) -> _Resized:
+    def _decode(self, index: int, draft: bool) -> np.ndarray:
+        """Decoded RGB of record ``index``; ``draft``: JPEG DCT-domain down-scaling to about the
+        canonical size (only without faces: a face is often a small part of the file)."""
+        size = self.canonical.size if draft and self.canonical.resize != "none" else None
+        return decode_image(self.records[index].path, self.max_pixels, draft_size=size)
+
+    def _cut(self, index: int, rgb: np.ndarray, faces: list, chosen: int) -> _Resized:
+        """The view ``chosen`` (a face index, or ``WHOLE_IMAGE``) of the decoded ``rgb``:
+        cropped, resized, with landmarks and mask mapped along."""
         record = self.records[index]
-        if self.faces is None:
-            draft = self.canonical.size if self.draft_decode and self.canonical.resize != "none" else None
-            rgb = decode_image(record.path, self.max_pixels, draft_size=draft)
-            resized, affine = self.canonical.resize_stage_affine(rgb)
-            mask = load_mask(record.mask, rgb.shape[1::-1]) if record.mask and self.has_masks else None
-            return _Resized(resized, None, None if mask is None else warp_mask(mask, affine, resized.shape[1::-1]), False, WHOLE_IMAGE)
-        # Faces need the full resolution: a face is often a small part of the file.
-        rgb = decode_image(record.path, self.max_pixels)
-        faces = self.faces.faces(record.path, rgb)
-        chosen = self._resolve_face(face_index, len(faces))
-        if chosen >= len(faces):  # an index from another run's face list
-            raise ImageDecodeError(f"{record.path}: face {chosen} not found (the file has {len(faces)})")
         face = faces[chosen] if chosen >= 0 else None
         if face is not None and self.faces.crop:
             crop, to_crop = self.faces.crop_face(rgb, face)
@@ -155,6 +127,17 @@ class ImageDataset(Dataset):
         if record.mask and self.has_masks:
             mask = warp_mask(load_mask(record.mask, rgb.shape[1::-1]), affine, resized.shape[1::-1])
         return _Resized(resized, landmarks, mask, ref is not None, chosen)
+
+    def _decode_resize(self, index: int, face_index: int | None) -> _Resized:
+        record = self.records[index]
+        if self.faces is None:
+            return self._cut(index, self._decode(index, self.draft_decode), [], WHOLE_IMAGE)
+        rgb = self._decode(index, draft=False)
+        faces = self.faces.faces(record.path, rgb)
+        chosen = self._resolve_face(face_index, len(faces))
+        if chosen >= len(faces):  # an index from another run's face list
+            raise ImageDecodeError(f"{record.path}: face {chosen} not found (the file has {len(faces)})")
+        return self._cut(index, rgb, faces, chosen)
 
     def _resized(self, index: int, face_index: int | None) -> _Resized:
         if self.faces is not None and face_index is CHOOSE:
@@ -177,56 +160,48 @@ class ImageDataset(Dataset):
             self._cache[key] = out
         return out
 
-    def whole_pixels(self, index: int) -> np.ndarray:
-        """Resized pixels of the whole image of record ``index`` (raises ``ImageDecodeError``)."""
-        return self._resized(index, WHOLE_IMAGE if self.faces is not None else CHOOSE).pixels
-
-    def resized_or_blank(self, index: int) -> tuple[np.ndarray, str]:
-        """Resized pixels of record ``index`` and "", or a blank canonical-size image and the decode error."""
-        try:
-            return self.whole_pixels(index), ""
-        except ImageDecodeError as e:
-            size = self.canonical.size
-            return np.zeros((size, size, 3), np.uint8), str(e)
+    def _blank(self, face_index: int | None = WHOLE_IMAGE) -> _Resized:
+        size = self.canonical.size
+        return _Resized(np.zeros((size, size, 3), np.uint8), None, None, False, WHOLE_IMAGE if face_index is None else face_index)
 
     def load_pixels(self, index: int) -> tuple[np.ndarray, str]:
         """Canonical uint8 pixels of record ``index`` (whole image) and the decode error ("" if none)."""
-        arr, error = self.resized_or_blank(index)
+        try:
+            arr, error = self._resized(index, WHOLE_IMAGE if self.faces is not None else CHOOSE).pixels, ""
+        except ImageDecodeError as e:
+            arr, error = self._blank().pixels, str(e)
         arr = self.canonical.finish(arr, self.train)
         if self.augment is not None and not error:
             arr = self.augment.apply_pixels(arr)[0]
         return self.canonical.encode(arr, self.train), error
 
-    def plain_sample(self, index: int, arr: np.ndarray, error: str) -> dict:
-        """The sample dict of record ``index`` from finished pixels (no faces, no masks)."""
-        r = self.records[index]
-        image = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        meta = {"path": r.path, "source": r.source, "generator": r.generator, "group": r.group, "ok": not error, "error": error}
-        return {"image": image, "label": r.label, "meta": meta}
-
-    def _rng(self, item: int) -> np.random.Generator:
+    # ---- samples --------------------------------------------------------------------
+    def _rng(self, key: tuple) -> np.random.Generator:
         # Training draws afresh (python's random is seeded per worker by Lightning); evaluation
         # forges the same way every run, so a blended test split is a fixed test split.
-        seed = random.getrandbits(63) if self.train else (self.seed, item)
-        return np.random.default_rng(seed)
+        return np.random.default_rng(random.getrandbits(63) if self.train else (self.seed, *key))
 
     def _donor(self, rng: np.random.Generator) -> np.ndarray:
         """A random real image at canonical size (for splicing forgeries)."""
-        pool = self._reals or list(range(len(self.records)))
-        arr, _ = self.resized_or_blank(int(rng.choice(pool)))
+        index = int(rng.choice(self._reals or list(range(len(self.records)))))
+        try:
+            arr = self._resized(index, WHOLE_IMAGE if self.faces is not None else CHOOSE).pixels
+        except ImageDecodeError:
+            arr = self._blank().pixels
         return self.canonical.finish(arr, train=False)
 
-    def __getitem__(self, item: int) -> dict:
-        index, face_index = self.items[item]
+    def _sample(self, index: int, resized: _Resized, error: str, rng_key: tuple, canonical_hook: Callable | None = None, **meta) -> dict:
+        """The sample dict from a view's resized pixels: the canonical crop, an optional
+        perturbation of it (``canonical_hook``), the forgery and pixel augmentation, the
+        canonical re-encode."""
         r = self.records[index]
-        label, generator, error = r.label, r.generator, ""
+        label, generator = r.label, r.generator
         size = self.canonical.size
-        try:
-            resized = self._resized(index, face_index)
-        except ImageDecodeError as e:
-            error = str(e)
-            resized = _Resized(np.zeros((size, size, 3), np.uint8), None, None, False, face_index if face_index is not None else WHOLE_IMAGE)
         arr, to_final = self.canonical.finish_affine(resized.pixels, self.train)
+        if canonical_hook is not None and not error:
+            arr = canonical_hook(arr, index)
+            if arr.shape[:2] != (size, size):  # a crop changes the size: back to the model's
+                arr = self.canonical.finish(self.canonical.resize_stage(arr), train=False)
         landmarks = None
         if self.faces is not None:
             landmarks = (
@@ -243,7 +218,7 @@ class ImageDataset(Dataset):
         if self.augment is not None and not error:
             if self.augment.forgery is not None:
                 forged = self.augment.forgery(
-                    arr, label, landmarks if resized.face_found else None, self._rng(item), donor=self._donor
+                    arr, label, landmarks if resized.face_found else None, self._rng(rng_key), donor=self._donor
                 )
                 arr, new_label, new_mask, new_generator = forged
                 if new_mask is not None and self.has_masks:
@@ -252,14 +227,124 @@ class ImageDataset(Dataset):
                     label, generator = new_label, new_generator or generator
             arr, mask, landmarks = self.augment.apply_pixels(arr, mask, landmarks)
         arr = self.canonical.encode(arr, self.train)
-        image = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        meta = {"path": r.path, "source": r.source, "generator": generator, "group": r.group, "ok": not error, "error": error}
-        sample = {"image": image, "label": label, "meta": meta}
+        sample = make_sample(arr, r, error=error, label=label, generator=generator, **meta)
         if self.faces is not None:
             sample["landmarks"] = torch.from_numpy(np.asarray(landmarks, np.float32).reshape(-1, 2).copy())
-            meta["face_found"] = bool(resized.face_found)
-            meta["face_index"] = int(resized.face_index)
+            sample["meta"]["face_found"] = bool(resized.face_found)
+            sample["meta"]["face_index"] = int(resized.face_index)
         if self.has_masks:
             sample["mask"] = torch.from_numpy(np.asarray(mask, np.float32).copy())[None]
-            meta["mask_ok"] = bool(mask_ok) and not error
+            sample["meta"]["mask_ok"] = bool(mask_ok) and not error
         return sample
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            resized, error = self._resized(index, CHOOSE), ""
+        except ImageDecodeError as e:
+            resized, error = self._blank(), str(e)
+        return self._sample(index, resized, error, (index,))
+
+
+class ViewsDataset(ImageDataset):
+    """What the scorer scores: item ``i`` is the list of every view of file ``i`` (evaluation
+    preprocessing), each a sample dict with ``meta["file"] = i`` and ``meta["view"]``.
+
+    Without a face stage a file has one view, the whole image. With one, the whole image
+    (when ``faces.whole_image``, or when no face is found) and up to ``faces.max_faces``
+    face crops; the scorer combines their scores into the file's. An undecodable file is
+    one blank view with ``meta.ok`` False. ``collate_views`` flattens a batch of files.
+
+    Perturbations for robustness studies: ``decoded_hook(rgb, index)`` acts on the decoded
+    image as received (faces are then detected on the perturbed image, as a service would),
+    ``canonical_hook(pixels, index)`` on each view's canonical crop before the re-encode.
+    ``raw_cache`` (decoded images) and ``views_cache`` (resized views) can be shared by
+    several data sets over the same records, so a grid decodes each file once; ``warm``
+    fills them before DataLoader workers fork.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        canonical: Canonicalizer,
+        faces: FacePipeline | None = None,
+        augment: Any = None,
+        draft_decode: bool = True,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        masks: bool | None = None,
+        seed: int = 0,
+        decoded_hook: Callable[[np.ndarray, int], np.ndarray] | None = None,
+        canonical_hook: Callable[[np.ndarray, int], np.ndarray] | None = None,
+        raw_cache: dict | None = None,
+        views_cache: dict | None = None,
+    ) -> None:
+        # A perturbation of the image as received needs it at full resolution.
+        super().__init__(
+            records, canonical, augment=augment, train=False, max_pixels=max_pixels,
+            draft_decode=draft_decode and decoded_hook is None and raw_cache is None, faces=faces, masks=masks, seed=seed,
+        )
+        self.decoded_hook, self.canonical_hook = decoded_hook, canonical_hook
+        self.raw_cache, self.views_cache = raw_cache, views_cache
+
+    def _cached(self, cache: dict | None, index: int, make: Callable):
+        if cache is None:
+            return make()
+        hit = cache.get(index)
+        if hit is None:
+            try:
+                hit = make()
+            except ImageDecodeError as e:
+                hit = str(e)
+            cache[index] = hit
+        if isinstance(hit, str):
+            raise ImageDecodeError(hit)
+        return hit
+
+    def _views(self, index: int) -> list[_Resized]:
+        if self.decoded_hook is None and self.raw_cache is None:
+            return self._cached(self.views_cache, index, lambda: self._cut_views(index, None))
+        draft = self.draft_decode and self.faces is None
+        rgb = self._cached(self.raw_cache, index, lambda: self._decode(index, draft))
+        return self._cut_views(index, rgb)
+
+    def _cut_views(self, index: int, rgb: np.ndarray | None) -> list[_Resized]:
+        if rgb is None:
+            rgb = self._decode(index, self.draft_decode and self.faces is None)
+        if self.decoded_hook is not None:
+            rgb = self.decoded_hook(rgb, index)
+        if self.faces is None:
+            return [self._cut(index, rgb, [], WHOLE_IMAGE)]
+        if self.decoded_hook is not None:
+            faces = self.faces.detect(rgb)  # the perturbed pixels are not a file: not cached
+        else:
+            faces = self.faces.faces(self.records[index].path, rgb)
+        wanted = ([WHOLE_IMAGE] if self.faces.whole_image or not faces else []) + list(range(len(faces)))
+        return [self._cut(index, rgb, faces, k) for k in wanted]
+
+    def warm(self) -> None:
+        """Decode (and, without a perturbation of the decoded image, cut) every file into the
+        shared caches, in this process."""
+        for index in range(len(self)):
+            try:
+                if self.views_cache is not None and self.decoded_hook is None and self.raw_cache is None:
+                    self._views(index)
+                elif self.raw_cache is not None:
+                    self._cached(self.raw_cache, index, lambda i=index: self._decode(i, self.draft_decode and self.faces is None))
+            except ImageDecodeError:
+                pass
+
+    def __getitem__(self, index: int) -> list[dict]:
+        try:
+            views, error = self._views(index), ""
+        except ImageDecodeError as e:
+            log.warning("skipping undecodable image: %s", e)
+            views, error = [self._blank()], str(e)
+        return [
+            # the first view forges as ImageDataset's sample of the same file does
+            self._sample(index, view, error, (index,) if k == 0 else (index, k), self.canonical_hook, file=index, view=view.face_index)
+            for k, view in enumerate(views)
+        ]
+
+
+def collate_views(items: list[list[dict]]) -> dict:
+    """A batch of files -> one batch of all their views (files are never split)."""
+    return default_collate([sample for views in items for sample in views])

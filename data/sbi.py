@@ -12,8 +12,8 @@ augmentation), so the mask is aligned with the image the detector sees.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import cv2
 import numpy as np

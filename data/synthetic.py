@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from data.io import atomic_write_text
 from data.records import ManifestSource, Record
 
 _VERSION = 1
@@ -129,9 +130,7 @@ def write_testset(folder: str | Path, n: int = 40, size: int = 64, seed: int = 1
         arr = transposed_conv_fake(real, rng) if label else real
         Image.fromarray(arr).save(folder / name, quality=95)
         key.append(f"{name},{label}\n")
-    labels = folder.with_name(folder.name + ".labels.csv")
-    labels.write_text("".join(sorted(key)))
-    return labels
+    return atomic_write_text(folder.with_name(folder.name + ".labels.csv"), "".join(sorted(key)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ and stream them as the usual sample dicts so every detector scores video frames 
 A video becomes frame samples ``{"image", "label", "meta"}`` whose ``meta`` adds
 ``video_id``, ``timestamp`` (seconds from the video's start), ``frame_index`` (order among the
 sampled frames), ``crop_index`` and ``video_seconds`` (the video's duration, for QPS_video).
-Frame scores go back to one video score in ``unmask.aggregate``.
+Frame scores go back to one video score in ``unmask.scoring.combine``.
 
 Faces: ``face_crops`` is the hook for the face pipeline (a callable turning one RGB frame
 into a list of face crops). Without it the whole frame is the sample, like an image file.
@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.canonical import Canonicalizer
 from data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, require_nonempty
 from data.records import Record
+from data.sample import make_sample
 
 log = logging.getLogger(__name__)
 
@@ -265,21 +265,7 @@ class VideoFrameDataset(IterableDataset):
         else:  # the same evaluation preprocessing as an image file
             pixels = self.canonical.resize_stage(pixels)
             pixels = self.canonical.encode(self.canonical.finish(pixels, train=False), train=False)
-        image = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        return {
-            "image": image,
-            "label": record.label,
-            "meta": {
-                "path": record.path,
-                "source": record.source,
-                "generator": record.generator,
-                "group": record.group,
-                "ok": not error,
-                "error": error,
-                "video_id": record_video_id(record, self.id_column) or record.path,
-                **meta,
-            },
-        }
+        return make_sample(pixels, record, error=error, video_id=record_video_id(record, self.id_column) or record.path, **meta)
 
     def samples(self, record: Record) -> Iterator[dict]:
         """Every sample of one video (what one worker yields for it)."""

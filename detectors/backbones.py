@@ -6,8 +6,8 @@ import contextlib
 import contextvars
 import importlib.util
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import timm
 import torch
@@ -123,7 +123,7 @@ def create_backbone(
     pretrained = "none" if pretrained in (None, False, "random") else str(pretrained)
     if pretrained not in PRETRAINED_CHOICES:
         raise ValueError(f"pretrained must be one of {PRETRAINED_CHOICES}, got {pretrained!r}")
-    if pretrained == "hub" and not _SKIP_PRETRAINED.get():
+    if pretrained == "hub" and not weights and not _SKIP_PRETRAINED.get():  # a local file wins
         return timm.create_model(name, pretrained=True, num_classes=0, **timm_kwargs)
     model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
     if _SKIP_PRETRAINED.get():
@@ -150,3 +150,13 @@ def create_backbone(
 
 
 BackboneFactory = Callable[..., nn.Module]
+
+
+def normalization(model: nn.Module, mean=None, std=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean``/``std`` when given, else what the timm model says its weights expect
+    (``pretrained_cfg``: EfficientNet-Lite 0.5/0.5, ResNet and MobileNetV2 ImageNet), so the
+    YAML never repeats what the backbone knows."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(mean) if mean is not None else tuple(cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(std) if std is not None else tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    return mean, std

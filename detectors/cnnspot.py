@@ -1,11 +1,11 @@
 """CNNSpot-style detector (Wang et al., CVPR 2020): an ImageNet CNN with a binary head."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from detectors.backbones import create_backbone
+from detectors.backbones import create_backbone, normalization
 from detectors.base import Detector, DetectorOutput
 
 
@@ -16,13 +16,15 @@ class CNNSpot(Detector):
         pretrained: str | None = "imagenet",
         weights: str | None = None,
         dropout: float = 0.2,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(mean, std)
+        super().__init__()
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.set_normalization(*normalization(self.backbone, mean, std))
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.backbone.num_features, 1)
+        self.feature_dim = int(self.backbone.num_features)
+        self.head = nn.Linear(self.feature_dim, 1)
         nn.init.normal_(self.head.weight, 0.0, 0.02)  # as CNNDetection / UnivFD heads
         nn.init.zeros_(self.head.bias)
 

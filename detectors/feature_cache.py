@@ -17,17 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from unmask.io import atomic_write_text
+from data.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +114,8 @@ class FeatureCache:
         """Store one entry; returns it as stored (in ``store_dtype``)."""
         if self.store_dtype is not None:
             arr = arr.astype(self.store_dtype, copy=False)
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, arr, allow_pickle=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(self._path(key), durable=False) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
         self._remember(key, arr)
         return arr
 

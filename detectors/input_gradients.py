@@ -13,7 +13,7 @@ trace and for throughput comparisons. ``batch_coupling`` finds out which case a 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -3,7 +3,7 @@
 A frozen *gradient source* turns each image into the gradient of its scalar output with
 respect to the input pixels; a classifier learns on those gradient maps.
 
-Pipeline (``forward``), following the authors' code (see docs/readme_parts/detectors_lgrad_univfd.md):
+Pipeline (``forward``), following the authors' code (see detectors/README.md):
 1. resize the [0, 1] image to ``source_size`` (the paper: 256x256), normalise it for the
    source (StyleGAN's discriminator: mean = std = 0.5, i.e. [-1, 1]);
 2. ``g = d reduce(source(x)) / dx`` per image, in one batched backward pass (or a vmap
@@ -23,8 +23,8 @@ TorchScript file through ``{_target_: torch.jit.load, f: /path/D.pt}``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import timm
 import torch
@@ -39,8 +39,9 @@ from detectors.backbones import (
     _tensors,
     create_backbone,
     load_in_order,
+    normalization,
 )
-from detectors.base import IMAGENET_MEAN, IMAGENET_STD, Detector, DetectorOutput
+from detectors.base import Detector, DetectorOutput
 from detectors.feature_cache import FeatureCache, module_fingerprint
 from detectors.input_gradients import GRADIENT_MODES, OUTPUT_REDUCTIONS, batch_coupling, input_gradients, minmax_normalize
 
@@ -105,13 +106,15 @@ def load_source_weights(module: nn.Module, file: str | Path) -> None:
 
 
 class LGrad(Detector):
+    export_note = "LGrad differentiates its gradient source inside forward (autograd at inference), which an exported graph cannot do"
+
     def __init__(
         self,
         source: str | nn.Module = "mobilenetv2_100",
         source_pretrained: str | None = "imagenet",
         source_weights: str | None = None,
-        source_mean: Sequence[float] = IMAGENET_MEAN,
-        source_std: Sequence[float] = IMAGENET_STD,
+        source_mean: Sequence[float] | None = None,
+        source_std: Sequence[float] | None = None,
         source_size: int | None = None,
         source_output: str = "sum",
         batch_mode: str = "auto",
@@ -119,15 +122,15 @@ class LGrad(Detector):
         classifier: str = "resnet50",
         pretrained: str | None = "none",
         weights: str | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         train_crop: int | None = None,
         flip: bool = True,
         dropout: float = 0.0,
         grad_cache: str | None = None,
         cache_memory_mb: float = 256.0,
     ) -> None:
-        super().__init__(mean, std)  # the classifier's normalisation of the gradient map
+        super().__init__()  # the classifier's normalisation of the gradient map: set below
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"detector.batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
         if source_output not in OUTPUT_REDUCTIONS:
@@ -145,6 +148,9 @@ class LGrad(Detector):
         for p in self.source.parameters():  # (a loop: ScriptModules have no requires_grad_)
             p.requires_grad_(False)
         self.source.eval()
+        # The source's normalisation: given, else its timm pretrained_cfg (a custom module
+        # without one, e.g. a StyleGAN discriminator, falls back to ImageNet's: set it).
+        source_mean, source_std = normalization(self.source, source_mean, source_std)
         self.register_buffer("source_mean", torch.tensor(source_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("source_std", torch.tensor(source_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.source_size = int(source_size) if source_size else None
@@ -156,8 +162,10 @@ class LGrad(Detector):
         self.flip = bool(flip)
 
         self.classifier = create_backbone(classifier, pretrained=pretrained, weights=weights)
+        self.set_normalization(*normalization(self.classifier, mean, std))
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.classifier.num_features, 1)
+        self.feature_dim = int(self.classifier.num_features)
+        self.head = nn.Linear(self.feature_dim, 1)
         nn.init.normal_(self.head.weight, 0.0, 0.02)  # CNNDetection's init_gain
         nn.init.zeros_(self.head.bias)
 
@@ -166,7 +174,7 @@ class LGrad(Detector):
         self._cache: FeatureCache | None = None
 
     # The source stays frozen and in eval mode whatever Lightning asks of the module.
-    def train(self, mode: bool = True) -> "LGrad":
+    def train(self, mode: bool = True) -> LGrad:
         super().train(mode)
         self.source.eval()
         return self
@@ -244,7 +252,7 @@ class LGrad(Detector):
             c = self.train_crop
             tops = torch.randint(0, maps.shape[-2] - c + 1, (maps.shape[0],)).tolist()
             lefts = torch.randint(0, size - c + 1, (maps.shape[0],)).tolist()
-            maps = torch.stack([m[:, t : t + c, l : l + c] for m, t, l in zip(maps, tops, lefts)])
+            maps = torch.stack([m[:, t : t + c, left : left + c] for m, t, left in zip(maps, tops, lefts)])
         if self.flip:
             flip = torch.rand(maps.shape[0], device=maps.device) < 0.5
             maps = torch.where(flip.view(-1, 1, 1, 1), maps.flip(-1), maps)

@@ -7,7 +7,7 @@ only ``layer1`` and ``layer2`` are kept, and everything trains from scratch.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 import torchvision
@@ -27,18 +27,19 @@ def npr_residual(x: Tensor) -> Tensor:
 class NPR(Detector):
     def __init__(
         self,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         residual_scale: float = 2.0 / 3.0,
     ) -> None:
-        super().__init__(mean, std)
+        super().__init__(mean or IMAGENET_MEAN, std or IMAGENET_STD)
         self.residual_scale = residual_scale
         resnet = torchvision.models.resnet50(weights=None)  # from scratch, as the paper
         stem_conv = nn.Conv2d(3, 64, kernel_size=3, stride=2, padding=1, bias=False)
         nn.init.kaiming_normal_(stem_conv.weight, mode="fan_out", nonlinearity="relu")
         self.features = nn.Sequential(stem_conv, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, 1)
+        self.feature_dim = 512
+        self.fc = nn.Linear(self.feature_dim, 1)
 
     def forward_normalized(self, x: Tensor) -> DetectorOutput:
         fmap = self.features(npr_residual(x) * self.residual_scale)

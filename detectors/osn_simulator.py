@@ -65,7 +65,7 @@ class NoiseSimulator(nn.Module):
         elif not random_init:
             raise MissingWeightsError(
                 "the OSN noise simulator needs pretrained weights: run `python pretrain_osn.py` and pass "
-                "detector.simulator.weights=PATH/simulator.pt, or detector.simulator=null to train with "
+                "osn.simulator.weights=PATH/simulator.pt, or osn.simulator=null to train with "
                 "DiffJPEG + resize only (random_init=true only for tests)"
             )
 

@@ -14,13 +14,13 @@ i.e. from a data set built with ``faces=mesh|mtcnn|template``.
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.backbones import create_backbone
+from detectors.backbones import create_backbone, normalization
 from detectors.base import Detector, DetectorOutput
 from detectors.graph import KnnEdges, ResidualGraphBlock, splat_node_scores
 
@@ -101,6 +101,8 @@ class ScaleAttention(nn.Module):
 
 
 class RGNet(Detector):
+    requires = ("landmarks",)  # node positions come from the face stage
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -117,10 +119,10 @@ class RGNet(Detector):
         dropout: float = 0.1,
         heatmap_stride: int = 4,
         heatmap_sigma: float = 0.15,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(mean, std)
+        super().__init__()
         self.node_indices = resolve_node_indices(node_indices)
         self.num_landmarks = int(num_landmarks)
         num_nodes = len(self.node_indices) if self.node_indices is not None else self.num_landmarks
@@ -131,6 +133,7 @@ class RGNet(Detector):
         if int(ring_points) < 1 or int(width) < 1 or int(depth) < 0 or int(heatmap_stride) < 1:
             raise ValueError("detector.ring_points, detector.width and detector.heatmap_stride must be >= 1, detector.depth >= 0")
         self.backbone = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.set_normalization(*normalization(self.backbone, mean, std))
         if not hasattr(self.backbone, "forward_intermediates"):
             raise ValueError(f"detector.backbone {backbone!r} has no timm forward_intermediates (multi-scale feature maps)")
         info = self.backbone.feature_info
@@ -159,7 +162,8 @@ class RGNet(Detector):
         self.output_norm = nn.LayerNorm(width)
         self.node_head = nn.Linear(width, 1)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(2 * width, 1)
+        self.feature_dim = 2 * width
+        self.head = nn.Linear(self.feature_dim, 1)
         for layer in (self.node_head, self.head):
             nn.init.normal_(layer.weight, 0.0, 0.02)
             nn.init.zeros_(layer.bias)

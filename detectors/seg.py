@@ -16,13 +16,14 @@ pixel BCE and a soft Dice loss, each weighted by ``pixel_weight``.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detectors.backbones import create_backbone
+from data.sample import mask_usable
+from detectors.backbones import create_backbone, normalization
 from detectors.base import Detector, DetectorOutput
 
 
@@ -58,15 +59,16 @@ class SegDetector(Detector):
         dropout: float = 0.2,
         pixel_weight: float = 1.0,
         mask_topk: float = 0.0,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.5, 0.5, 0.5),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
-        super().__init__(mean, std)
+        super().__init__()
         if pixel_weight < 0:
             raise ValueError(f"detector.pixel_weight must be >= 0, got {pixel_weight!r}")
         if not 0.0 <= mask_topk <= 1.0:
             raise ValueError(f"detector.mask_topk must be in [0, 1], got {mask_topk!r}")
         encoder = create_backbone(backbone, pretrained=pretrained, weights=weights)
+        self.set_normalization(*normalization(encoder, mean, std))
         if not hasattr(encoder, "forward_intermediates"):
             raise ValueError(f"detector.backbone {backbone!r} has no forward_intermediates in timm; pick a CNN such as tf_efficientnet_lite0")
         self.n_levels = len(encoder.feature_info)
@@ -85,7 +87,8 @@ class SegDetector(Detector):
         self.decoder = nn.ModuleList(blocks)
         self.mask_head = nn.Conv2d(cin, 1, 1)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(chans[-1], 1)
+        self.feature_dim = int(chans[-1])
+        self.head = nn.Linear(self.feature_dim, 1)
         nn.init.normal_(self.head.weight, 0.0, 0.02)
         nn.init.zeros_(self.head.bias)
         nn.init.constant_(self.mask_head.bias, -2.0)  # most pixels are real: start near p = 0.12
@@ -110,14 +113,8 @@ class SegDetector(Detector):
     def loss_terms(self, out: DetectorOutput, batch: Mapping) -> dict[str, Tensor]:
         terms = super().loss_terms(out, batch)
         zero = out.mask.sum() * 0.0  # keeps the graph connected when no sample has a mask
-        meta = batch.get("meta") if isinstance(batch.get("meta"), Mapping) else {}
-        mask_ok = meta.get("mask_ok")
-        if batch.get("mask") is None or mask_ok is None:
-            return {**terms, "pixel_bce": zero, "pixel_dice": zero}
         device = out.mask.device
-        valid = torch.as_tensor(mask_ok, device=device, dtype=torch.bool).view(-1)
-        if meta.get("ok") is not None:
-            valid = valid & torch.as_tensor(meta["ok"], device=device, dtype=torch.bool).view(-1)
+        valid = mask_usable(batch, device)
         if not valid.any():
             return {**terms, "pixel_bce": zero, "pixel_dice": zero}
         logits = out.mask[valid].float()

@@ -21,13 +21,14 @@ Embeddings can be cached on disk by image content + encoder weights + preprocess
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.sample import usable
 from detectors.backbones import _SKIP_PRETRAINED, MissingWeightsError, create_backbone
 from detectors.base import IMAGENET_MEAN, IMAGENET_STD, Detector, DetectorOutput
 from detectors.feature_cache import FeatureCache, content_keys, module_fingerprint
@@ -223,7 +224,7 @@ class UnivFD(Detector):
         self.encoder.requires_grad_(False)
         self.encoder.eval()
         self.crop = int(crop) if crop else None
-        dim = enc.dim
+        dim = self.feature_dim = int(enc.dim)
         if mode == "probe":
             self.probe = nn.Linear(dim, 1)
             nn.init.normal_(self.probe.weight, 0.0, 0.02)  # the paper's init_gain; default bias
@@ -254,7 +255,7 @@ class UnivFD(Detector):
         self.probe.load_state_dict({"weight": state["weight"], "bias": state["bias"]})
         log.info("UnivFD probe loaded from %s", path)
 
-    def train(self, mode: bool = True) -> "UnivFD":
+    def train(self, mode: bool = True) -> UnivFD:
         super().train(mode)
         self.encoder.eval()  # frozen: eval-mode BatchNorm / dropout whatever Lightning asks
         return self
@@ -268,7 +269,7 @@ class UnivFD(Detector):
             if self.training:  # a position per image, as the paper's RandomCrop
                 tops = torch.randint(0, h - c + 1, (image.shape[0],)).tolist()
                 lefts = torch.randint(0, w - c + 1, (image.shape[0],)).tolist()
-                image = torch.stack([im[:, t : t + c, l : l + c] for im, t, l in zip(image, tops, lefts)])
+                image = torch.stack([im[:, t : t + c, left : left + c] for im, t, left in zip(image, tops, lefts)])
             else:
                 top, left = (h - c) // 2, (w - c) // 2
                 image = image[..., top : top + c, left : left + c]
@@ -322,10 +323,7 @@ class UnivFD(Detector):
         score = self.bank.score(emb, self.knn_k, exclude_keys=key_ints)
         if fill_bank:
             labels = torch.as_tensor(batch["label"]).to(emb.device)
-            valid = labels >= 0
-            ok = batch.get("meta", {}).get("ok") if isinstance(batch.get("meta"), Mapping) else None
-            if ok is not None:
-                valid = valid & torch.as_tensor(ok, dtype=torch.bool, device=emb.device)
+            valid = usable(batch, emb.device)
             if valid.any():
                 self.bank.add(emb[valid], labels[valid], key_ints[valid.cpu()])
         return DetectorOutput(logit=self.knn_scale * score + self.knn_bias, features=emb)

@@ -2,7 +2,7 @@
 
 The model is ``src/model.ckpt`` (copy the ``best.ckpt`` a training run selected) or the
 file named by $UNMASK_CKPT. Extra ``key=value`` arguments are passed to infer.py's
-config, e.g. ``python src/main.py threshold=prior:0.5 batch_size=128``.
+config, e.g. ``python src/main.py scoring.threshold=prior:0.5 scoring.batch_size=128``.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 def main(argv: list[str]) -> None:
     from hydra import compose, initialize_config_dir
 
-    from unmask.config import CONFIG_DIR
-    from unmask.inference import run_inference
+    from unmask.core.config import CONFIG_DIR
+    from unmask.tasks.infer import run_inference
 
     ckpt = os.environ.get("UNMASK_CKPT", str(Path(__file__).resolve().parent / "model.ckpt"))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -18,7 +18,7 @@ for _p in (ROOT, ROOT / "tests"):  # data/, detectors/, unmask/ and test helpers
 
 import torch  # noqa: E402
 
-import unmask.config  # noqa: E402  (registers the ${unmask_root:} resolver)
+import unmask.core.config  # noqa: E402  (the ${unmask_root:} resolver and the config schemas)
 
 # Tests run tiny tensors on a few shared cores: a second intra-op thread only adds
 # contention (a 32 px EfficientNet batch measured 25x slower with 2 threads under load).
@@ -42,13 +42,23 @@ TINY_TRAIN_OVERRIDES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """``gpu`` tests need CUDA: skipped (and said so) where there is none, as on CPU CI."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on a GPU machine: pytest -m gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def compose(config_name: str, overrides: list[str] | None = None):
     """A Hydra config as ``python <entry>.py overrides...`` would see it (no ``hydra:``
     resolver: callers set every ``${hydra:...}`` value, e.g. ``paths.output_dir``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(config_dir=unmask.config.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=unmask.core.config.CONFIG_DIR, version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []))
 
 
@@ -61,7 +71,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cache_dir) -> dict:
     """Train once with tiny settings; returns ``{"dir", "ckpt", "cache_dir", "metrics"}``."""
-    from unmask.training import train
+    from unmask.tasks.train import train
 
     out = tmp_path_factory.mktemp("tiny_run")
     cfg = compose(

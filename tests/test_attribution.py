@@ -1,4 +1,4 @@
-"""Issue 6: forgery-type attribution heads (configs/attribution/, unmask/attribution.py).
+"""Issue 6: forgery-type attribution heads (configs/attribution/, detectors/wrappers/attribution.py, unmask/evaluation/attribution.py).
 
 Class mapping from the ``generator`` column, the wrapper detector, its loss, config
 composition, and one tiny train -> load -> evaluate -> infer run on the synthetic set."""
@@ -16,17 +16,13 @@ from hydra.utils import instantiate
 
 from conftest import TINY_TRAIN_OVERRIDES, compose
 from detectors.base import Detector, DetectorOutput
-from unmask.attribution import (
-    IGNORE_INDEX,
-    AttributedDetector,
-    AttributionClasses,
-    attribution_columns,
-    attribution_report,
-    plot_confusion,
-    render_attribution_markdown,
-)
-from unmask.detector_factory import build_detector
-from unmask.runtime import TorchRuntime
+from detectors.wrappers.attribution import IGNORE_INDEX, AttributedDetector, AttributionClasses
+from unmask.core.build import build_detector
+from unmask.core.schemas import ScoringConfig
+from unmask.evaluation.attribution import attribution_report, render_attribution_markdown
+from unmask.reports.plots import plot_confusion
+from unmask.scoring.runtimes import TorchRuntime
+from unmask.scoring.scorer import ScoredBatch, view_rows
 
 COARSE = ["real", "gan", "diffusion", "face_swap", "manual_edit"]
 
@@ -61,7 +57,7 @@ def test_label_zero_is_real_and_unusable_rows_are_ignored(caplog):
     assert c.class_of("sd", -1) is None  # unknown label
     assert c.class_of("sd", 1, ok=False) is None  # undecodable
     assert c.class_of("real", 1) is None  # a fake named 'real': contradictory, no target
-    with caplog.at_level(logging.WARNING, logger="unmask.attribution"):
+    with caplog.at_level(logging.WARNING, logger="detectors.wrappers.attribution"):
         assert c.class_of("midjourney", 1) is None
         assert c.class_of("midjourney", 1) is None
     assert sum("midjourney" in r.getMessage() for r in caplog.records) == 1  # warned once
@@ -192,18 +188,17 @@ def test_config_without_attribution_key_builds_the_bare_detector():
 
 def test_runtime_returns_class_probabilities_beside_the_score():
     det = AttributedDetector(_Recorder(), COARSE)
-    runtime = TorchRuntime(det, device="cpu", channels_last=False)
-    prob = runtime(torch.rand(3, 3, 16, 16))
-    assert prob.shape == (3,)
-    class_prob = runtime.last_extras["class_prob"]
-    assert class_prob.shape == (3, 5) and torch.allclose(class_prob.sum(1), torch.ones(3))
-    bare = TorchRuntime(_Recorder(), device="cpu", channels_last=False)
-    bare(torch.rand(2, 3, 16, 16))
-    assert bare.last_extras == {}
-    rows = attribution_columns(runtime.last_extras, det.class_names, [True, False, True])
+    out = TorchRuntime(det, device="cpu", channels_last=False)(torch.rand(3, 3, 16, 16))
+    assert out.prob.shape == (3,)
+    assert out.class_prob.shape == (3, 5) and torch.allclose(out.class_prob.sum(1), torch.ones(3))
+    bare = TorchRuntime(_Recorder(), device="cpu", channels_last=False)(torch.rand(2, 3, 16, 16))
+    assert bare.class_prob is None
+    meta = {"path": ["a", "b", "c"], "ok": [True, False, True], "error": ["", "broken", ""], "source": ["s"] * 3,
+            "generator": ["g"] * 3, "group": ["a", "b", "c"]}
+    rows = view_rows(ScoredBatch({"label": torch.tensor([0, 1, 1]), "meta": meta}, out.prob, out.class_prob), det.class_names)
     assert rows[0]["type"] in COARSE and rows[0]["type_prob"] == pytest.approx(max(rows[0][f"p_{c}"] for c in COARSE))
     assert rows[1]["type"] == "" and math.isnan(rows[1]["type_prob"])
-    assert attribution_columns({}, det.class_names, [True]) == []
+    assert "type" not in view_rows(ScoredBatch({"label": torch.tensor([0, 1, 1]), "meta": meta}, out.prob), None)[0]
 
 
 # ------------------------------------------------------------------------ report
@@ -251,11 +246,11 @@ def test_confusion_report_matches_hand_counts(tmp_path):
 
 
 def test_train_load_evaluate_infer(tmp_path, cache_dir):
-    from unmask.checkpoint import load_detector
-    from unmask.evaluation import evaluate_checkpoint
-    from unmask.inference import run_inference
-    from unmask.training import train
     from data.synthetic import write_testset
+    from unmask.core.checkpoint import load_detector
+    from unmask.tasks.evaluate import evaluate_records
+    from unmask.tasks.infer import run_inference
+    from unmask.tasks.train import train
 
     run = tmp_path / "run"
     cfg = compose(
@@ -274,7 +269,9 @@ def test_train_load_evaluate_infer(tmp_path, cache_dir):
 
     ev = compose("evaluate", ["data.source.n_per_class=16", "data.source.size=32", "data.image_size=32", "data.num_workers=0",
                               f"ckpt={ckpt}", f"paths.cache_dir={cache_dir}", f"output_dir={tmp_path / 'eval'}"])
-    report = evaluate_checkpoint(str(ckpt), instantiate(ev.data), split="test", out_dir=tmp_path / "eval", num_workers=0, batch_size=8)
+    data = instantiate(ev.data)
+    data.setup()
+    report = evaluate_records(str(ckpt), data.records["test"], tmp_path / "eval", ScoringConfig(num_workers=0, batch_size=8))
     att = report["attribution"]
     assert att["n"] == report["overall"]["n"]  # every synthetic sample has a type
     assert sum(map(sum, att["confusion"])) == att["n"]
@@ -288,7 +285,7 @@ def test_train_load_evaluate_infer(tmp_path, cache_dir):
     testset = tmp_path / "testset"
     write_testset(testset, n=6, size=32)
     out = run_inference(compose("infer", [f"ckpt={ckpt}", f"input={testset}", f"output_dir={tmp_path / 'out'}",
-                                          "num_workers=0", "batch_size=8", "scores=true"]))
+                                          "scoring.num_workers=0", "scoring.batch_size=8", "scores=true"]))
     scores = pd.read_csv(out.with_suffix(".scores.csv"))
     assert {"name", "prob", "decision", "type", "type_prob"} <= set(scores.columns)
     assert scores["type"].isin(COARSE).all() and scores["type_prob"].between(1 / 5, 1).all()

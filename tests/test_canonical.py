@@ -17,7 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-import unmask.config
+import unmask.core.config
 from data.canonical import Canonicalizer, resize_image
 from data.dataset import ImageDataset
 from data.records import Record
@@ -208,7 +208,7 @@ def _format_classifier_accuracy(records: list[Record], canonical: Canonicalizer,
 
 
 def _canonical_from_config(option: str) -> Canonicalizer:
-    with initialize_config_dir(config_dir=unmask.config.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=unmask.core.config.CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", overrides=[f"canonical={option}", f"data.image_size={SIZE}", "paths.output_dir=."])
     return instantiate(cfg.canonical)
 

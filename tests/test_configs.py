@@ -19,14 +19,14 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-import unmask.config
-from unmask.config import instantiate_group, is_empty
+import unmask.core.config
+from unmask.core.config import instantiate_group, is_empty
 
-ROOT = Path(unmask.config.PROJECT_ROOT)
-CONFIG_DIR = Path(unmask.config.CONFIG_DIR)
+ROOT = Path(unmask.core.config.PROJECT_ROOT)
+CONFIG_DIR = Path(unmask.core.config.CONFIG_DIR)
 GROUPS = (
-    "detector", "data", "augment", "canonical", "faces", "attribution", "optimizer", "scheduler", "trainer", "logger",
-    "callbacks", "experiment",
+    "detector", "data", "augment", "canonical", "faces", "osn", "attribution", "optimizer", "scheduler", "trainer", "logger",
+    "callbacks", "scoring", "video", "experiment",
 )
 
 
@@ -91,8 +91,27 @@ def _check_instantiates(group: str, option: str, cfg: DictConfig, tmp: Path) -> 
         assert isinstance(faces, FacePipeline) and faces.num_landmarks >= 1
         found = faces.analyzer.detect(np.full((64, 64, 3), 128, np.uint8))
         assert isinstance(found, list)  # a flat grey image: no face, or the template's one
+    elif group == "osn":
+        from detectors.wrappers.osn import OSNRobust
+        from unmask.core.build import build_detector
+
+        det = build_detector(OmegaConf.merge(cfg, {"detector": {"pretrained": "none"}}))
+        assert isinstance(det, OSNRobust) == (option != "none")
+        det.train()
+        out = det(torch.rand(2, 3, 32, 32))  # training: resize, DiffJPEG and xi act on the pixels
+        assert out.logit.shape == (2,)
+    elif group == "scoring":
+        from unmask.core.schemas import ScoringConfig, options
+
+        scoring = options(node)
+        assert isinstance(scoring, ScoringConfig) and scoring.runtime in ("torch", "onnx")
+    elif group == "video":
+        from unmask.scoring.combine import VideoOptions
+
+        video = VideoOptions.from_config(node)
+        assert video.aggregator([0.2, 0.4]) == pytest.approx(0.3) and video.sampler.timestamps(2.0)
     elif group == "attribution":
-        from unmask.detector_factory import build_detector
+        from unmask.core.build import build_detector
 
         det = build_detector(OmegaConf.merge(cfg, {"detector": {"pretrained": "none"}}))
         det.eval()
@@ -216,6 +235,7 @@ def test_unknown_option_names_the_available_ones():
         assert option in message
 
 
+@pytest.mark.slow
 def test_unknown_option_on_the_command_line_fails_cleanly():
     # train.py fails while composing, before any training import: cheap to run for real.
     proc = subprocess.run(
@@ -303,9 +323,64 @@ def test_missing_imagenet_weights_say_what_to_pass(tmp_path):
         assert hint in message
 
 
-def test_wrong_threshold_policy_fails_before_training(tmp_path):
-    from unmask.module import DetectionModule
+def test_wrong_threshold_policy_fails_at_composition(tmp_path):
+    from unmask.core.module import DetectionModule
 
-    cfg = compose_cfg(["threshold_policy=best", f"paths.output_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="threshold_policy"):
-        DetectionModule(detector=torch.nn.Linear(1, 1), optimizer=instantiate(cfg.optimizer), threshold_policy=cfg.threshold_policy)
+    with pytest.raises(ConfigCompositionException, match="scoring.threshold_policy"):
+        compose_cfg(["scoring.threshold_policy=best", f"paths.output_dir={tmp_path}"])
+    cfg = compose_cfg([f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="threshold_policy"):  # the module checks what it is given too
+        DetectionModule(detector=torch.nn.Linear(1, 1), optimizer=instantiate(cfg.optimizer), threshold_policy="best")
+
+
+# --------------------------------------------------------------- the scoring group and its schema
+
+
+@pytest.mark.parametrize("config_name", ["train", "infer", "evaluate"])
+def test_every_entry_point_composes_the_same_scoring_group(config_name, tmp_path):
+    from unmask.core.schemas import ScoringConfig
+
+    cfg = compose_cfg(["ckpt=x.ckpt", f"output_dir={tmp_path}"] if config_name != "train" else [f"paths.output_dir={tmp_path}"], config_name)
+    assert OmegaConf.get_type(cfg.scoring) is ScoringConfig
+    assert OmegaConf.to_container(cfg.scoring) == OmegaConf.to_container(compose_cfg([f"paths.output_dir={tmp_path}"]).scoring)
+
+
+@pytest.mark.parametrize("config_name", ["train", "infer"])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("scoring.batch_size=abc", "scoring.batch_size"),
+        ("scoring.num_workers=two", "scoring.num_workers"),
+        ("scoring.amp=maybe", "scoring.amp"),
+        ("scoring.runtime=tensorrt", "scoring.runtime"),
+        ("scoring.threshold_policy=best", "scoring.threshold_policy"),
+        ("scoring.batchsize=8", "scoring.batchsize"),  # a typo of a key
+    ],
+)
+def test_scoring_type_and_choice_errors_fail_at_composition(config_name, override, key, tmp_path):
+    extra = ["ckpt=x.ckpt"] if config_name == "infer" else [f"paths.output_dir={tmp_path}"]
+    with pytest.raises(ConfigCompositionException) as exc:
+        compose_cfg([*extra, override], config_name)
+    assert key in str(exc.value) + str(exc.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("scoring.batch_size=0", "scoring.batch_size"),
+        ("scoring.num_workers=-1", "scoring.num_workers"),
+        ("scoring.device=gpu9", "scoring.device"),
+        ("scoring.threshold=1.5", "scoring.threshold"),
+        ("scoring.threshold=prior:x", "scoring.threshold"),
+    ],
+)
+def test_scoring_range_errors_name_the_key_before_any_work(override, key, tmp_path):
+    from unmask.core.schemas import options
+    from unmask.tasks.train import train
+
+    cfg = compose_cfg([override, f"paths.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        options(cfg.scoring)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train(cfg)  # the task checks first: nothing was trained
+    assert not (tmp_path / "checkpoints").exists()

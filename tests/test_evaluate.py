@@ -1,4 +1,4 @@
-"""Issue 2, section 7: ``evaluate_checkpoint`` writes metrics.json, report.md,
+"""Issue 2, section 7: evaluation (``unmask.tasks.evaluate``) writes metrics.json, report.md,
 predictions.csv and roc.png, and its numbers are scikit-learn's on its own predictions."""
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from sklearn.metrics import accuracy_score, average_precision_score, balanced_ac
 
 import badimages as bad
 from conftest import compose
-from unmask.checkpoint import load_detector
-from unmask.evaluation import evaluate_checkpoint
+from unmask.core.checkpoint import load_detector
+from unmask.core.schemas import ScoringConfig
+from unmask.tasks.evaluate import evaluate_records, run_evaluation
 
 TINY_DATA = [
     "data.source.n_per_class=16",
@@ -30,7 +31,8 @@ def evaluated(tiny_ckpt, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate")
     cfg = compose("evaluate", TINY_DATA + [f"ckpt={tiny_ckpt}", f"paths.cache_dir={cache_dir}", f"output_dir={out}"])
     datamodule = instantiate(cfg.data)
-    report = evaluate_checkpoint(str(tiny_ckpt), datamodule, split="test", out_dir=out, num_workers=0, batch_size=8)
+    datamodule.setup()
+    report = evaluate_records(str(tiny_ckpt), datamodule.records["test"], out, ScoringConfig(num_workers=0, batch_size=8, progress=False))
     return {"out": out, "report": report, "datamodule": datamodule}
 
 
@@ -117,8 +119,11 @@ def _tiny_manifest(root):
 def test_undecodable_files_are_counted_not_scored_and_threshold_override(tiny_ckpt, tmp_path):
     manifest = _tiny_manifest(tmp_path)
     cfg = compose("evaluate", ["data=manifest", f"data.source.manifest={manifest}", "data.image_size=32", "data.num_workers=0", f"ckpt={tiny_ckpt}", f"output_dir={tmp_path / 'out'}"])
-    report = evaluate_checkpoint(str(tiny_ckpt), instantiate(cfg.data), split="test", out_dir=tmp_path / "out", threshold=0.0, num_workers=0)
+    data = instantiate(cfg.data)
+    data.setup()
+    report = evaluate_records(str(tiny_ckpt), data.records["test"], tmp_path / "out", ScoringConfig(threshold="0.0", num_workers=0, progress=False))
     assert report["n_undecodable"] == 1 and report["threshold"] == 0.0
+    assert report["threshold_from"] == "set by scoring.threshold"
     o = report["overall"]
     assert (o["n"], o["n_real"], o["n_fake"]) == (4, 2, 2)  # broken.jpg left out, missing.jpg skipped
     assert o["real_acc"] == 0.0 and o["fake_acc"] == 1.0  # threshold 0: everything flagged
@@ -129,6 +134,13 @@ def test_undecodable_files_are_counted_not_scored_and_threshold_override(tiny_ck
     assert "1 undecodable files left out" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_unknown_split_is_a_clear_error(tiny_ckpt, evaluated, tmp_path):
+def test_unknown_split_is_a_clear_error(tiny_ckpt, cache_dir, tmp_path):
+    cfg = compose("evaluate", TINY_DATA + [f"ckpt={tiny_ckpt}", f"paths.cache_dir={cache_dir}", f"output_dir={tmp_path}", "split=holdout"])
     with pytest.raises(ValueError, match="split must be one of"):
-        evaluate_checkpoint(str(tiny_ckpt), evaluated["datamodule"], split="holdout", out_dir=tmp_path, num_workers=0)
+        run_evaluation(cfg)
+
+
+def test_an_empty_split_gives_an_empty_report_not_a_crash(tiny_ckpt, tmp_path):
+    report = evaluate_records(str(tiny_ckpt), [], tmp_path, ScoringConfig(num_workers=0, progress=False))
+    assert report["overall"]["n"] == 0 and report["n_undecodable"] == 0
+    assert (tmp_path / "report.md").is_file() and pd.read_csv(tmp_path / "predictions.csv").empty

@@ -1,5 +1,5 @@
-"""Issue 6: heatmaps for every detector (unmask/explain.py) and the explanation files of
-infer.py (unmask/explain_report.py)."""
+"""Issue 6: heatmaps for every detector (unmask/explain/gradcam.py) and the explanation files
+of infer.py (unmask/explain/gallery.py)."""
 from __future__ import annotations
 
 from html.parser import HTMLParser
@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 from PIL import Image
 from torch import nn
 
@@ -17,9 +18,9 @@ from conftest import compose
 from detectors.base import Detector, DetectorOutput
 from detectors.cnnspot import CNNSpot
 from detectors.npr import NPR
-from unmask.explain import default_target_layer, explain_maps, grad_cam
-from unmask.explain_report import safe_relpath
-from unmask.inference import run_inference
+from unmask.explain.gallery import safe_relpath
+from unmask.explain.gradcam import default_target_layer, explain_maps, grad_cam
+from unmask.tasks.infer import run_inference
 
 
 def _hook_count(model: nn.Module) -> int:
@@ -53,8 +54,8 @@ class OwnHeatmap(Detector):
 
     def forward_normalized(self, x: torch.Tensor) -> DetectorOutput:
         heat = torch.zeros(x.shape[0], 1, 4, 4)
-        heat[:, :, 1, 2] = 5.0
-        heat[:, :, 0, 0] = 1.0
+        heat[:, :, 1, 2] = 0.8
+        heat[:, :, 0, 0] = 0.2
         return DetectorOutput(logit=x.mean((1, 2, 3)), heatmap=heat)
 
 
@@ -135,24 +136,25 @@ def test_flat_input_gives_a_finite_map():
 
 def test_wrong_layer_name_lists_candidates_and_leaves_no_hooks():
     det = TinyCNN().eval()
-    with pytest.raises(ValueError, match=r"explain_layer='features\.9' is not a module .*features\.4 \[1, 32, 16, 16\]"):
+    with pytest.raises(ValueError, match=r"explain.layer='features\.9' is not a module .*features\.4 \[1, 32, 16, 16\]"):
         explain_maps(det, torch.rand(1, 3, 32, 32), method="gradcam", target_layer="features.9")
     with pytest.raises(ValueError, match="not a \\(B, C, H, W\\) feature map"):
         explain_maps(det, torch.rand(1, 3, 32, 32), method="gradcam", target_layer="head")
     assert _hook_count(det) == 0
     _assert_maps(explain_maps(det, torch.rand(2, 3, 32, 32), method="gradcam", target_layer="features.2"), (2, 1, 32, 32))
-    with pytest.raises(ValueError, match="explain_method must be one of"):
+    with pytest.raises(ValueError, match="explain.method must be one of"):
         explain_maps(det, torch.rand(1, 3, 32, 32), method="saliency")
 
 
 # --------------------------------------------------------------- the detector's own maps
 
 
-def test_own_heatmap_is_upsampled_and_minmax_scaled():
+def test_own_heatmap_is_upsampled_and_keeps_its_scale():
     image = torch.rand(2, 3, 32, 48)
     maps = explain_maps(OwnHeatmap(), image)  # auto: the own map (a Grad-CAM would raise here)
     _assert_maps(maps, (2, 1, 32, 48))
-    assert maps.amax() == 1.0 and maps.amin() == 0.0
+    # DetectorOutput.forgery_map: a heatmap is evidence on the probability scale, never rescaled
+    assert 0.5 < maps.amax() <= 0.8 and maps.amin() == 0.0
     peak = np.unravel_index(int(maps[0, 0].argmax()), (32, 48))
     assert 8 <= peak[0] < 16 and 24 <= peak[1] < 36  # inside heatmap cell (1, 2)
     torch.testing.assert_close(explain_maps(OwnHeatmap(), image, method="own"), maps)
@@ -212,7 +214,7 @@ def test_gradcam_peak_lies_on_the_planted_square():
     assert np.mean(hits) >= 0.8, f"Grad-CAM peak on the square for only {np.mean(hits):.0%} of fakes"
 
 
-# --------------------------------------------------------------- infer.py explain=true
+# --------------------------------------------------------------- infer.py explain=gallery
 
 
 class _Cards(HTMLParser):
@@ -257,10 +259,10 @@ def test_infer_explain_writes_masks_overlays_and_index(tiny_ckpt, tmp_path):
     bad.random_bytes(root / "broken.jpg")
 
     def cfg(out, *extra):
-        return compose("infer", [f"ckpt={tiny_ckpt}", f"input={root}", f"output_dir={out}", "num_workers=0", "batch_size=4", "scores=true", *extra])
+        return compose("infer", [f"ckpt={tiny_ckpt}", f"input={root}", f"output_dir={out}", "scoring.num_workers=0", "scoring.batch_size=4", "scores=true", *extra])
 
     plain = run_inference(cfg(tmp_path / "plain"))
-    result = run_inference(cfg(tmp_path / "explained", "explain=true"))
+    result = run_inference(cfg(tmp_path / "explained", "explain=gallery"))
     assert result.read_bytes() == plain.read_bytes()  # the contest file does not change
     out = result.with_suffix(".explain")
     masks = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mask.png"))
@@ -290,7 +292,7 @@ def test_infer_explain_writes_masks_overlays_and_index(tiny_ckpt, tmp_path):
         (name,) = [n for n in good if n in c["text"]]
         assert f"· {decisions[name]}" in c["text"]
 
-    limited = run_inference(cfg(tmp_path / "limited", "explain=true", "explain_limit=2"))
+    limited = run_inference(cfg(tmp_path / "limited", "explain=gallery", "explain.limit=2"))
     assert len(list(limited.with_suffix(".explain").rglob("*.mask.png"))) == 2
 
 
@@ -298,9 +300,12 @@ def test_infer_explain_bad_values_are_clear_errors(tiny_ckpt, tmp_path):
     root = tmp_path / "in"
     root.mkdir()
     bad.good_png(root / "a.png")
-    base = [f"ckpt={tiny_ckpt}", f"input={root}", "num_workers=0", "explain=true"]
-    with pytest.raises(ValueError, match="explain_mask_threshold must be a number in"):
-        run_inference(compose("infer", base + [f"output_dir={tmp_path / 'o1'}", "explain_mask_threshold=2"]))
-    with pytest.raises(ValueError, match="explain_layer='nope' is not a module"):
-        run_inference(compose("infer", base + [f"output_dir={tmp_path / 'o2'}", "explain_layer=nope"]))
+    base = [f"ckpt={tiny_ckpt}", f"input={root}", "scoring.num_workers=0", "explain=gallery"]
+    with pytest.raises(ValueError, match="explain.mask_threshold must be a number in"):
+        run_inference(compose("infer", base + [f"output_dir={tmp_path / 'o1'}", "explain.mask_threshold=2"]))
+    assert not (tmp_path / "o1").exists()  # refused before any work
+    with pytest.raises(ConfigCompositionException, match="explain.method"):
+        compose("infer", base + ["explain.method=saliency"])  # a wrong choice fails at composition
+    with pytest.raises(ValueError, match="explain.layer='nope' is not a module"):
+        run_inference(compose("infer", base + [f"output_dir={tmp_path / 'o2'}", "explain.layer=nope"]))
     assert list((tmp_path / "o2").glob("result_*.xls"))  # the contest file was written first

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from unmask.export import contest_filename, decide, parse_threshold, write_contest_csv
+from unmask.core.metrics import decide, parse_threshold
+from unmask.reports.contest import contest_filename, write_contest_csv
 
 
 def test_contest_filename_pattern():
@@ -18,7 +19,7 @@ def test_contest_filename_pattern():
 def test_csv_exact_bytes_sorted_no_header(tmp_path):
     path = write_contest_csv(tmp_path / "r.xls", ["b.jpg", "a.png", "sub/c.jpg", "A.jpg", "é.jpg"], [1, 0, 1, 0, 1])
     # ascending by code point, no header, "\n" endings, UTF-8, nothing else
-    assert path.read_bytes() == "A.jpg,0\na.png,0\nb.jpg,1\nsub/c.jpg,1\né.jpg,1\n".encode("utf-8")
+    assert path.read_bytes() == "A.jpg,0\na.png,0\nb.jpg,1\nsub/c.jpg,1\né.jpg,1\n".encode()
     assert not [p for p in tmp_path.iterdir() if p.name != "r.xls"]  # no temp file left
 
 
@@ -154,7 +155,7 @@ def test_failed_write_keeps_the_previous_result_and_leaves_no_temp_file(tmp_path
     def disk_full(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("unmask.io.os.replace", disk_full)
+    monkeypatch.setattr("data.io.os.replace", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_contest_csv(path, ["a.jpg", "b.jpg"], [0, 0])
     assert path.read_text() == "a.jpg,1\n"  # never half-written

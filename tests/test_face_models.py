@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-import unmask.config
+import unmask.core.config
 from data.faces.analyzers import MeshFaceAnalyzer, MtcnnFaceAnalyzer
 from data.faces.blazeface import BlazeFace, load_state_dict
 from data.faces.facemesh import LEFT_EYE, MOUTH_LEFT, MOUTH_RIGHT, NOSE_TIP, RIGHT_EYE, FaceMesh
 from data.faces.types import Face
 
-SHARED = Path(os.environ.get("UNMASK_SHARED", unmask.config.PROJECT_ROOT / ".." / "shared"))
+SHARED = Path(os.environ.get("UNMASK_SHARED", unmask.core.config.PROJECT_ROOT / ".." / "shared"))
 WEIGHTS = SHARED / "weights"
 pytestmark = pytest.mark.skipif(not WEIGHTS.is_dir(), reason=f"shared weights folder {WEIGHTS} is absent")
 

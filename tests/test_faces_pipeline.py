@@ -12,16 +12,19 @@ import albumentations as A
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from data.augment import SampleAugment
 from data.canonical import Canonicalizer
-from data.dataset import WHOLE_IMAGE, ImageDataset
+from data.dataset import WHOLE_IMAGE, ImageDataset, ViewsDataset, collate_views
 from data.faces.crop import apply_affine, crop_face
 from data.faces.pipeline import FacePipeline
 from data.faces.types import Face, FaceAnalyzer
 from data.records import ManifestSource, Record
-from unmask.image_scoring import combine_face_rows, score_image_records
+from unmask.core.schemas import ScoringConfig
+from unmask.scoring.combine import combine_views
+from unmask.scoring.scorer import Scorer
 
 SIZE = 64
 
@@ -154,9 +157,12 @@ def test_several_faces_expand_and_combine(tmp_path):
     faces.prepare([str(two)], progress=False)
     faces.cache.put(faces._digest(str(none)), [])  # the second file has no face
     records = [Record(str(two), 1), Record(str(none), 0)]
-    ds = ImageDataset(records, Canonicalizer(size=SIZE), faces=faces, expand_faces=True)
-    assert ds.items == [(0, WHOLE_IMAGE), (0, 0), (0, 1), (1, WHOLE_IMAGE)]
-    assert [ds[i]["meta"]["face_index"] for i in range(4)] == [WHOLE_IMAGE, 0, 1, WHOLE_IMAGE]
+    ds = ViewsDataset(records, Canonicalizer(size=SIZE), faces=faces)
+    assert len(ds) == 2  # one item per file, each the list of its views
+    assert [v["meta"]["view"] for v in ds[0]] == [WHOLE_IMAGE, 0, 1] and [v["meta"]["view"] for v in ds[1]] == [WHOLE_IMAGE]
+    assert [v["meta"]["face_index"] for v in ds[0]] == [WHOLE_IMAGE, 0, 1]
+    batch = collate_views([ds[0], ds[1]])  # a batch of files is the batch of all their views
+    assert batch["image"].shape == (4, 3, SIZE, SIZE) and batch["meta"]["file"].tolist() == [0, 0, 0, 1]
 
     rows = pd.DataFrame(
         {
@@ -165,10 +171,13 @@ def test_several_faces_expand_and_combine(tmp_path):
             "label": [1, 1, 1, 0],
             "ok": [True] * 4,
             "error": [""] * 4,
-            "face_index": [WHOLE_IMAGE, 0, 1, WHOLE_IMAGE],
+            "file": [0, 0, 0, 1],
+            "view": [WHOLE_IMAGE, 0, 1, WHOLE_IMAGE],
+            "type": ["a", "b", "c", "d"],  # a per-view extra: the deciding view's is kept
         }
     )
-    combined = combine_face_rows(rows, faces).set_index("path")
+    combined = combine_views(rows, faces).set_index("path")
+    assert combined.loc[str(two), "type"] == "b"
     assert combined.loc[str(two), "prob"] == pytest.approx(0.9)  # max over faces, then max with the whole image
     assert combined.loc[str(two), "n_faces"] == 2 and not combined.loc[str(two), "face_fallback"]
     assert combined.loc[str(none), "prob"] == pytest.approx(0.3) and combined.loc[str(none), "face_fallback"]
@@ -215,7 +224,7 @@ def test_manifest_masks_follow_the_pixels(tmp_path):
 
 
 def test_relocated_weight_paths(tmp_path, monkeypatch):
-    from unmask.checkpoint import relocate_machine_paths
+    from unmask.core.checkpoint import relocate_machine_paths
 
     weights = tmp_path / "shared" / "weights"
     weights.mkdir(parents=True)
@@ -237,12 +246,12 @@ def test_face_stage_travels_with_the_checkpoint_to_infer(tmp_path, cache_dir):
     """Train the landmark detector with a face stage (the template analyser), then infer.py
     with explanations on a folder with bad files: every file gets a row, the scores say how
     many faces each had, and rgnet's own heatmap (which needs the landmarks) is drawn."""
-    from conftest import TINY_TRAIN_OVERRIDES, compose
     from test_infer import _cfg, _make_testset, _read_result
 
-    from unmask.checkpoint import load_detector
-    from unmask.inference import run_inference
-    from unmask.training import train
+    from conftest import TINY_TRAIN_OVERRIDES, compose
+    from unmask.core.checkpoint import load_detector
+    from unmask.tasks.infer import run_inference
+    from unmask.tasks.train import train
 
     out = tmp_path / "run"
     train(compose("train", TINY_TRAIN_OVERRIDES + [f"hydra.run.dir={out}", f"paths.output_dir={out}", f"paths.cache_dir={cache_dir}", "faces=template", "detector=rgnet"]))
@@ -251,7 +260,7 @@ def test_face_stage_travels_with_the_checkpoint_to_infer(tmp_path, cache_dir):
     assert isinstance(loaded.faces, FacePipeline) and loaded.faces.analyzer.name == "template"
 
     names, undecodable = _make_testset(tmp_path / "testset")
-    result = run_inference(_cfg(ckpt, tmp_path / "testset", tmp_path / "res", "scores=true", "explain=true"))
+    result = run_inference(_cfg(ckpt, tmp_path / "testset", tmp_path / "res", "scores=true", "explain=gallery"))
     rows = _read_result(result)
     assert [r[0] for r in rows] == names
     scores = pd.read_csv(result.with_suffix(".scores.csv"), keep_default_na=False, encoding_errors="surrogateescape")
@@ -271,10 +280,9 @@ def test_threshold_is_chosen_again_on_validation_with_per_file_scores(tmp_path, 
     """With faces and the whole image combined by max, a file's score is at least its top
     face's: the stored threshold must come from validation scored that way, not per face."""
     from conftest import TINY_TRAIN_OVERRIDES, compose
-
-    from unmask.checkpoint import load_detector
-    from unmask.metrics import choose_threshold
-    from unmask.training import train
+    from unmask.core.checkpoint import load_detector
+    from unmask.core.metrics import choose_threshold
+    from unmask.tasks.train import train
 
     out = tmp_path / "run"
     faces = ["faces=template", "faces.crop=true", "faces.whole_image=true", "faces.max_faces=2"]
@@ -285,11 +293,12 @@ def test_threshold_is_chosen_again_on_validation_with_per_file_scores(tmp_path, 
 
     dm = instantiate(cfg.data, augment=None)
     dm.setup()
-    df, _ = score_image_records(loaded, dm.records["val"], num_workers=0, progress=False)
+    df = Scorer(loaded, ScoringConfig(num_workers=0, progress=False)).score(dm.records["val"]).files
     assert (df["n_faces"] == 1).all() and df["whole_prob"].notna().all()  # two samples per file
     expected = choose_threshold(df["label"].to_numpy(), df["prob"].to_numpy(), "youden")
     assert loaded.threshold == pytest.approx(expected, abs=1e-6)
-    assert metrics["val/threshold_per_file"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["threshold"] == pytest.approx(expected, abs=1e-6)
+    assert "validation split" in loaded.threshold_from and "whole image" in loaded.threshold_from
 
 
 def test_augmentation_follows_the_run_seed(tmp_path):
@@ -309,3 +318,32 @@ def test_augmentation_follows_the_run_seed(tmp_path):
 
     assert torch.equal(first_sample(0), first_sample(0))
     assert not torch.equal(first_sample(0), first_sample(1))
+
+
+def test_views_of_a_perturbed_image_come_from_its_own_faces(tmp_path):
+    """Robustness grids perturb the image as received: the face stage then runs on the
+    perturbed pixels (as a service would), not on the clean file's cached faces."""
+    img = dotted_image(tmp_path / "a.png")
+    analyzer = DotAnalyzer([(BOX, DOTS)])
+    faces = pipeline(analyzer, tmp_path)
+    faces.prepare([str(img)], progress=False)
+    calls = analyzer.calls
+    seen = []
+
+    def darken(rgb, index):
+        seen.append(rgb.shape)
+        return (rgb // 2).astype(np.uint8)
+
+    ds = ViewsDataset([Record(str(img), 1)], Canonicalizer(size=SIZE, reencode=False), faces=faces, decoded_hook=darken)
+    views = ds[0]
+    assert analyzer.calls == calls + 1  # detected again, on the perturbed pixels
+    assert seen == [(128, 160, 3)]  # at full resolution, before any resize
+    assert [v["meta"]["view"] for v in views] == [WHOLE_IMAGE, 0]
+    clean = ViewsDataset([Record(str(img), 1)], Canonicalizer(size=SIZE, reencode=False), faces=faces)[0]
+    assert analyzer.calls == calls + 1  # the clean views use the cache
+    for a, b in zip(views, clean):
+        assert torch.allclose(a["image"], (b["image"] * 255 // 2) / 255, atol=1.5 / 255)
+    touched = []
+    ViewsDataset([Record(str(img), 1)], Canonicalizer(size=SIZE, reencode=False), faces=faces,
+                 canonical_hook=lambda px, i: touched.append(px.shape) or px)[0]
+    assert touched == [(SIZE, SIZE, 3)] * 2  # every view's model-size pixels

@@ -17,7 +17,7 @@ import torch
 
 import badimages as bad
 from conftest import ROOT, SUBPROCESS_ENV, compose
-from unmask.inference import run_inference
+from unmask.tasks.infer import run_inference
 
 RESULT_NAME = re.compile(r"^result_(\d{8})\.xls$")
 NON_UTF8_NAME = os.fsdecode(b"\xc6\xac\xd5\xd5_gbk.jpg")  # GBK bytes, as unzipped from a Windows archive
@@ -77,7 +77,7 @@ def testset(tmp_path_factory):
 def _cfg(ckpt, input_dir, output_dir, *overrides):
     return compose(
         "infer",
-        [f"ckpt={ckpt}", f"input={input_dir}", f"output_dir={output_dir}", "num_workers=0", "batch_size=8", *overrides],
+        [f"ckpt={ckpt}", f"input={input_dir}", f"output_dir={output_dir}", "scoring.num_workers=0", "scoring.batch_size=8", *overrides],
     )
 
 
@@ -91,7 +91,7 @@ def cli_run(tiny_ckpt, testset):
     cwd = testset["root"].parent
     start = dt.datetime.now()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), f"ckpt={tiny_ckpt}", "scores=true", "batch_size=8"],
+        [sys.executable, str(ROOT / "infer.py"), f"ckpt={tiny_ckpt}", "scores=true", "scoring.batch_size=8"],
         cwd=cwd, env=SUBPROCESS_ENV, capture_output=True, text=True, errors="replace", timeout=300,
     )
     end = dt.datetime.now()
@@ -99,6 +99,7 @@ def cli_run(tiny_ckpt, testset):
     return {"cwd": cwd, "start": start, "end": end, "proc": proc}
 
 
+@pytest.mark.slow
 def test_cli_writes_result_file_named_by_time_in_current_folder(cli_run):
     produced = sorted(p.name for p in cli_run["cwd"].iterdir() if p.is_file())
     results = [n for n in produced if RESULT_NAME.match(n)]
@@ -112,6 +113,7 @@ def test_cli_writes_result_file_named_by_time_in_current_folder(cli_run):
     assert "images/s" in cli_run["proc"].stdout
 
 
+@pytest.mark.slow
 def test_cli_one_row_per_file_sorted_two_columns(cli_run, testset):
     (result,) = cli_run["cwd"].glob("result_*.xls")
     rows = _read_result(result)
@@ -127,6 +129,7 @@ def test_cli_one_row_per_file_sorted_two_columns(cli_run, testset):
     assert "фото_名前.jpg,".encode() in raw
 
 
+@pytest.mark.slow
 def test_cli_undecodable_files_get_the_fallback_and_the_sidecar(cli_run, testset):
     (result,) = cli_run["cwd"].glob("result_*.xls")
     labels = dict(_read_result(result))
@@ -140,6 +143,7 @@ def test_cli_undecodable_files_get_the_fallback_and_the_sidecar(cli_run, testset
     assert "could not be decoded" in cli_run["proc"].stdout + cli_run["proc"].stderr
 
 
+@pytest.mark.slow
 def test_cli_scores_file(cli_run, testset):
     (result,) = cli_run["cwd"].glob("result_*.xls")
     (scores_path,) = cli_run["cwd"].glob("result_*.scores.csv")
@@ -159,14 +163,14 @@ def test_cli_scores_file(cli_run, testset):
 @pytest.fixture(scope="module")
 def probs(tiny_ckpt, testset, tmp_path_factory):
     """Full-precision scores of the decodable test files, via the same path as inference."""
-    from data.dataset import ImageDataset
     from data.records import UnlabelledFolderSource
-    from unmask.checkpoint import load_detector
-    from unmask.predict import predict
+    from unmask.core.checkpoint import load_detector
+    from unmask.core.schemas import ScoringConfig
+    from unmask.scoring.scorer import Scorer
 
     loaded = load_detector(tiny_ckpt)
-    ds = ImageDataset(UnlabelledFolderSource(str(testset["root"])).records(), loaded.canonical, train=False)
-    df, _ = predict(loaded.detector, ds, batch_size=8, num_workers=0, progress=False)
+    records = UnlabelledFolderSource(str(testset["root"])).records()
+    df = Scorer(loaded, ScoringConfig(batch_size=8, num_workers=0, progress=False)).score(records).files
     df["name"] = [Path(p).relative_to(testset["root"]).as_posix() for p in df["path"]]
     return df[df["ok"]].set_index("name")["prob"], loaded.threshold
 
@@ -180,7 +184,7 @@ def _split_point(p: pd.Series) -> float:
 
 
 def _labels(path: Path) -> dict[str, int]:
-    return {n: int(l) for n, l in _read_result(path)}
+    return {n: int(label) for n, label in _read_result(path)}
 
 
 def test_stored_threshold_is_used_by_default(tiny_ckpt, testset, probs, tmp_path):
@@ -188,7 +192,7 @@ def test_stored_threshold_is_used_by_default(tiny_ckpt, testset, probs, tmp_path
     # Store a threshold that splits these scores, so the default is visibly the stored one.
     ckpt = torch.load(tiny_ckpt, map_location="cpu", weights_only=False)
     stored = _split_point(p)
-    ckpt["state_dict"]["threshold"] = torch.tensor(stored)
+    ckpt["unmask"]["threshold"] = stored  # its one place in the checkpoint
     moved = tmp_path / "moved_threshold.ckpt"
     torch.save(ckpt, moved)
     out = run_inference(_cfg(moved, testset["root"], tmp_path / "out"))
@@ -201,15 +205,15 @@ def test_stored_threshold_is_used_by_default(tiny_ckpt, testset, probs, tmp_path
 def test_numeric_threshold(tiny_ckpt, testset, probs, tmp_path):
     p, _ = probs
     thr = _split_point(p)
-    labels = _labels(run_inference(_cfg(tiny_ckpt, testset["root"], tmp_path, f"threshold={thr!r}")))
+    labels = _labels(run_inference(_cfg(tiny_ckpt, testset["root"], tmp_path, f"scoring.threshold={thr!r}")))
     assert {n: labels[n] for n in p.index} == {n: int(v >= thr) for n, v in p.items()}
-    all_fake = _labels(run_inference(_cfg(tiny_ckpt, testset["root"], tmp_path / "zero", "threshold=0.0")))
+    all_fake = _labels(run_inference(_cfg(tiny_ckpt, testset["root"], tmp_path / "zero", "scoring.threshold=0.0")))
     assert all(all_fake[n] == 1 for n in p.index)
 
 
 def test_prior_half_labels_half_by_rank(tiny_ckpt, testset, probs, tmp_path):
     p, _ = probs
-    labels = _labels(run_inference(_cfg(tiny_ckpt, testset["root"], tmp_path, "threshold=prior:0.5", "fallback_label=1")))
+    labels = _labels(run_inference(_cfg(tiny_ckpt, testset["root"], tmp_path, "scoring.threshold=prior:0.5", "fallback_label=1")))
     fakes = {n for n in p.index if labels[n] == 1}
     assert len(fakes) == round(0.5 * len(p))
     assert min(p[list(fakes)]) >= max(p.drop(list(fakes)))  # the top-scored half
@@ -229,7 +233,7 @@ def test_folder_of_only_bad_files(tiny_ckpt, tmp_path):
     root.mkdir()
     bad.empty_file(root / "e.jpg")
     bad.random_bytes(root / "r.png")
-    out = run_inference(_cfg(tiny_ckpt, root, tmp_path / "out", "threshold=prior:0.5"))
+    out = run_inference(_cfg(tiny_ckpt, root, tmp_path / "out", "scoring.threshold=prior:0.5"))
     assert out.read_text() == "e.jpg,0\nr.png,0\n"
     assert sorted(out.with_suffix(".undecodable.txt").read_text().split("\n")[i].split("\t")[0] for i in (0, 1)) == ["e.jpg", "r.png"]
 
@@ -237,9 +241,9 @@ def test_folder_of_only_bad_files(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("threshold=abc", "threshold must be empty"),
-        ("threshold=1.5", r"probability in \[0, 1\]"),
-        ("threshold=prior:x", "needs a number P"),
+        ("scoring.threshold=abc", "threshold must be empty"),
+        ("scoring.threshold=1.5", r"probability in \[0, 1\]"),
+        ("scoring.threshold=prior:x", "needs a number P"),
         ("fallback_label=7", "fallback_label must be 0 or 1"),
     ],
 )

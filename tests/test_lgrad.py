@@ -132,7 +132,7 @@ def test_minmax_normalisation_per_image_over_all_channels():
 
 
 def test_only_the_classifier_trains_and_the_source_stays_in_eval_mode():
-    from unmask.module import DetectionModule
+    from unmask.core.module import DetectionModule
 
     det = _lgrad(_toy(minibatch_std=False))
     det.train()
@@ -219,8 +219,8 @@ def test_offline_imagenet_source_keeps_its_head_and_bad_names_fail_clearly():
 
 
 def test_train_py_detector_lgrad_and_reload(tmp_path):
-    from unmask.checkpoint import load_detector
-    from unmask.training import train
+    from unmask.core.checkpoint import load_detector
+    from unmask.tasks.train import train
 
     cache = tmp_path / "grads"
     cfg = compose(

@@ -1,4 +1,4 @@
-"""Localisation metrics (unmask/localization.py) against hand-computed values."""
+"""Localisation metrics (unmask/evaluation/localization.py) against hand-computed values."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import default_collate
 
 from detectors.base import Detector, DetectorOutput
-from unmask.localization import evaluate_localization, mask_scores, pixel_auc, render_localization_markdown
+from unmask.evaluation.localization import Localization, mask_scores, pixel_auc, render_localization_markdown
+from unmask.explain.gradcam import ForgeryMaps
+from unmask.scoring.scorer import ScoredBatch, Scores
 
 
 def test_f1_iou_and_score_by_hand():
@@ -72,24 +75,38 @@ class _Oracle(Detector):
         return DetectorOutput(logit=torch.zeros(x.shape[0]), mask=mask)
 
 
-class _MaskedSet(torch.utils.data.Dataset):
-    def __init__(self):
-        self.labels = [1, 1, 0, 1]
+LABELS = [1, 1, 0, 1]
 
-    def __len__(self):
-        return 4
 
-    def __getitem__(self, i):
+def _samples() -> list[dict]:
+    """Four files of one view each, as the scorer's data set gives them."""
+    out = []
+    for i, label in enumerate(LABELS):
         mask = torch.zeros(1, 8, 8)
-        if self.labels[i] == 1:
+        if label == 1:
             mask[:, :4, :4] = 1.0
-        meta = {"path": f"{i}.png", "source": "s", "generator": "self_blend" if self.labels[i] else "real",
-                "ok": True, "mask_ok": i != 3}  # sample 3 has no ground truth: skipped
-        return {"image": torch.rand(3, 8, 8), "label": self.labels[i], "mask": mask, "meta": meta}
+        meta = {"path": f"{i}.png", "source": "s", "generator": "self_blend" if label else "real", "group": f"{i}.png",
+                "ok": True, "error": "", "mask_ok": i != 3, "file": i, "view": -1}  # sample 3 has no ground truth: skipped
+        out.append({"image": torch.rand(3, 8, 8), "label": label, "mask": mask, "meta": meta})
+    return out
 
 
-def test_evaluate_localization_end_to_end():
-    per_image, summary = evaluate_localization(_Oracle(), _MaskedSet(), batch_size=3, num_workers=0, device="cpu")
+def _feed(detector, batches) -> Localization:
+    """What the scorer does: run the detector, ask the explainer for maps, feed the evaluator."""
+    loc, maps = Localization(), ForgeryMaps("own", required=False)
+    for batch in batches:
+        out = detector(batch["image"], batch)
+        scored = ScoredBatch(batch, out.prob, maps=maps(detector, batch["image"], batch, out))
+        scored.map_source = maps.source
+        loc.update(scored)
+    return loc
+
+
+def test_localization_evaluator_end_to_end():
+    samples = _samples()
+    loc = _feed(_Oracle(), [default_collate(samples[:3]), default_collate(samples[3:])])
+    summary = loc.compute(Scores(files=None), threshold=0.5)
+    per_image = loc.per_image
     assert list(per_image["path"]) == ["0.png", "1.png", "2.png"]
     assert list(per_image["f1"]) == [1.0, 1.0, 0.0]  # the real gets a false alarm
     assert summary["n"] == 3 and summary["mask_from"] == "mask"
@@ -100,11 +117,28 @@ def test_evaluate_localization_end_to_end():
     assert "## Localisation" in md and "self_blend" in md and "1.3333" in md
 
 
+def test_only_the_deciding_view_of_a_file_is_scored():
+    """Two views of one file: the one with the higher score decides, and is the one measured."""
+    a, b = _samples()[:2]
+    b["meta"].update(file=0, view=0, path="0.png")
+    batch = default_collate([a, b])
+    det = _Oracle()
+    out = det(batch["image"], batch)
+    maps = ForgeryMaps("own")(det, batch["image"], batch, out)
+    maps[1] = 0.0  # the second view predicts nothing
+    for probs, f1 in ((torch.tensor([0.9, 0.1]), 1.0), (torch.tensor([0.1, 0.9]), 0.0)):
+        loc = Localization()
+        loc.update(ScoredBatch(batch, probs, maps=maps))
+        loc.compute(Scores(files=None), 0.5)
+        assert list(loc.per_image["f1"]) == [f1]
+
+
 def test_a_detector_without_maps_gives_no_metrics():
     class Plain(Detector):
         def forward_normalized(self, x):
             return DetectorOutput(logit=torch.zeros(x.shape[0]))
 
-    per_image, summary = evaluate_localization(Plain(), _MaskedSet(), batch_size=4, num_workers=0, device="cpu")
-    assert per_image.empty and summary["n"] == 0
+    loc = _feed(Plain(), [default_collate(_samples())])
+    summary = loc.compute(Scores(files=None), threshold=0.5)
+    assert loc.per_image.empty and summary["n"] == 0
     assert "No image" in render_localization_markdown(summary)

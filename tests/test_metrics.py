@@ -1,4 +1,4 @@
-"""Issue 2, section 7: ``unmask.metrics`` against hand-computed values and scikit-learn."""
+"""Issue 2, section 7: ``unmask.core.metrics`` against hand-computed values and scikit-learn."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, balanced_accuracy_score, roc_auc_score
 
-from unmask.metrics import (
+from unmask.core.metrics import (
     binary_metrics,
     breakdown,
     choose_threshold,

@@ -11,8 +11,8 @@ from data.canonical import jpeg_roundtrip
 from data.synthetic import natural_image
 from detectors.backbones import MissingWeightsError, skip_pretrained
 from detectors.diffjpeg import CHROMA_TABLE, LUMA_TABLE, DiffJPEG
-from detectors.osn import OSNRobust, SignGradientMemory
 from detectors.osn_simulator import NoiseSimulator
+from detectors.wrappers.osn import OSNRobust, SignGradientMemory
 from tests.conftest import TINY_TRAIN_OVERRIDES, compose
 from tests.test_robustness import TinyDetector
 
@@ -120,9 +120,9 @@ def test_pretrain_then_short_osn_training_run(tmp_path, cache_dir):
     import pytorch_lightning as pl
     from hydra.utils import instantiate
 
-    from unmask.checkpoint import load_detector
-    from unmask.osn_pretrain import pretrain_simulator
-    from unmask.training import build_module, train
+    from unmask.core.checkpoint import load_detector
+    from unmask.tasks.osn_pretrain import pretrain_simulator
+    from unmask.tasks.train import build_module, train
 
     data = ["data.source.n_per_class=16", "data.source.size=32", "data.image_size=32", "data.num_workers=0", f"paths.cache_dir={cache_dir}"]
     pre = compose("osn_pretrain", data + ["simulator.base_channels=4", "steps=3", "batch_size=8", "num_workers=0", "limit_val=8", f"paths.output_dir={tmp_path / 'pre'}"])
@@ -130,9 +130,8 @@ def test_pretrain_then_short_osn_training_run(tmp_path, cache_dir):
     weights = tmp_path / "pre" / "simulator.pt"
     assert weights.is_file() and set(result["val_psnr_db_after"]) == {"identity", "jpeg_only", "simulator"}
 
-    sim = f"detector.simulator={{_target_:detectors.osn_simulator.NoiseSimulator,base_channels:4,weights:{weights}}}"
-    overrides = [o for o in TINY_TRAIN_OVERRIDES if not o.startswith("detector.")] + [
-        "detector=osn_robust", "detector.detector.pretrained=none", sim, f"paths.cache_dir={cache_dir}"]
+    sim = f"osn.simulator={{_target_:detectors.osn_simulator.NoiseSimulator,base_channels:4,weights:{weights}}}"
+    overrides = TINY_TRAIN_OVERRIDES + ["osn=robust", sim, f"paths.cache_dir={cache_dir}"]
     cfg = compose("train", overrides + [f"paths.output_dir={tmp_path / 'run'}", f"hydra.run.dir={tmp_path / 'run'}"])
 
     module = build_module(cfg)  # the xi hook runs inside DetectionModule.training_step's backward

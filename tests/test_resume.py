@@ -12,8 +12,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import unmask.config
-from unmask.training import train
+import unmask.core.config
+from unmask.tasks.train import train
 
 STEPS_PER_EPOCH = 2
 TINY = [
@@ -35,7 +35,7 @@ TINY = [
 
 
 def _train(out: Path, cache: Path, overrides: list[str]) -> str:
-    with initialize_config_dir(config_dir=unmask.config.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=unmask.core.config.CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=TINY + [f"paths.output_dir={out}", f"paths.cache_dir={cache}"] + overrides)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):

@@ -190,8 +190,8 @@ def test_delaunay_edges_in_the_detector(batch):
 
 @pytest.mark.skipif(not (CONFIG_DIR / "faces" / "template.yaml").is_file(), reason="configs/faces/template.yaml (the lead's data side) is missing")
 def test_trains_through_train_py_with_template_faces(tmp_path, cache_dir):
-    from unmask.checkpoint import load_detector
-    from unmask.training import train
+    from unmask.core.checkpoint import load_detector
+    from unmask.tasks.train import train
 
     cfg = compose(
         "train",

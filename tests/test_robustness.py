@@ -12,9 +12,13 @@ from PIL import Image
 from torch import nn
 
 from data.canonical import Canonicalizer, jpeg_roundtrip
-from data.perturb import (
-    PerturbationGrid,
-    PerturbedDataset,
+from data.dataset import ViewsDataset
+from data.records import Record
+from data.synthetic import natural_image
+from detectors.base import Detector, DetectorOutput
+from unmask.robustness.attacks import FGSM, PGD, AttackedDetector
+from unmask.robustness.grid import PerturbationGrid, balanced_sample, degradation_rate, generalization_rate, relative_drop
+from unmask.robustness.perturbations import (
     PixelPerturbation,
     box_blur,
     crop,
@@ -28,11 +32,6 @@ from data.perturb import (
     sharpen,
     uniform_noise,
 )
-from data.records import Record
-from data.synthetic import natural_image
-from detectors.base import Detector, DetectorOutput
-from unmask.attacks import FGSM, PGD, AttackedDetector
-from unmask.robustness import balanced_sample, degradation_rate, generalization_rate, relative_drop
 
 
 @pytest.fixture(scope="module")
@@ -111,12 +110,12 @@ def test_perturbation_at_decoded_stage_precedes_canonicalisation(tmp_path, photo
     Image.fromarray(photo).save(path)
     records = [Record(str(path), 1)]
     canon = Canonicalizer(size=64, reencode=False)  # lossless, so a flip must commute exactly
-    clean = PerturbedDataset(records, canon)[0]["image"]
-    flipped = PerturbedDataset(records, canon, PixelPerturbation("hflip", 1, hflip()))[0]["image"]
+    clean = ViewsDataset(records, canon, raw_cache={})[0][0]["image"]
+    flipped = ViewsDataset(records, canon, decoded_hook=PixelPerturbation("hflip", 1, hflip()))[0][0]["image"]
     assert torch.equal(flipped, clean.flip(-1))
     q = 40
     canon_jpeg = Canonicalizer(size=32, eval_jpeg_quality=None)  # resize to 32, no re-encode
-    small = PerturbedDataset(records, canon_jpeg, PixelPerturbation("jpeg", q, jpeg(q)))[0]["image"]
+    small = ViewsDataset(records, canon_jpeg, decoded_hook=PixelPerturbation("jpeg", q, jpeg(q)))[0][0]["image"]
     expect = cv2.resize(jpeg_roundtrip(photo, q), (32, 32), interpolation=cv2.INTER_AREA)
     assert torch.equal(small, torch.from_numpy(expect).permute(2, 0, 1).float() / 255)
 
@@ -187,14 +186,15 @@ def test_attacked_detector_works_under_inference_mode():
     assert F.binary_cross_entropy(attacked, y) > F.binary_cross_entropy(clean, y)
 
 
-# --- the grid through evaluate_checkpoint ----------------------------------------------------
+# --- the grid through evaluate.py --------------------------------------------------------------
 
 
 def test_evaluate_with_perturb_writes_the_degradation_report(tiny_run, tmp_path):
-    from tests.conftest import compose
     from hydra.utils import instantiate
 
-    from unmask.evaluation import evaluate_checkpoint
+    from tests.conftest import compose
+    from unmask.core.schemas import ScoringConfig
+    from unmask.tasks.evaluate import evaluate_records
 
     cfg = compose("evaluate", ["perturb=spec", f"ckpt={tiny_run['ckpt']}", f"paths.cache_dir={tiny_run['cache_dir']}", f"paths.output_dir={tmp_path}",
                                "data.source.n_per_class=16", "data.source.size=32", "data.image_size=32", "data.num_workers=0"])
@@ -204,7 +204,9 @@ def test_evaluate_with_perturb_writes_the_degradation_report(tiny_run, tmp_path)
     grid.families = {k: v for k, v in grid.families.items() if k in keep}
     for k, sev in keep.items():
         grid.families[k].severities = sev
-    report = evaluate_checkpoint(str(tiny_run["ckpt"]), instantiate(cfg.data), split="test", out_dir=tmp_path, num_workers=0, perturb=grid)
+    data = instantiate(cfg.data)
+    data.setup()
+    report = evaluate_records(str(tiny_run["ckpt"]), data.records["test"], tmp_path, ScoringConfig(num_workers=0, progress=False), perturb=grid)
     rows = report["robustness"]
     assert [r["family"] for r in rows] == ["clean", "jpeg", "hflip", "fgsm"]
     base = rows[0]["acc"]
@@ -220,7 +222,8 @@ def test_logo_table_scores_both_models_on_reals_plus_the_held_out_fakes(tiny_run
     from hydra.utils import instantiate
 
     from tests.conftest import compose
-    from unmask.generalization import logo_table, render_logo_markdown
+    from unmask.core.schemas import ScoringConfig
+    from unmask.robustness.generalization import logo_table, render_logo_markdown
 
     cfg = compose("train", ["data.source.n_per_class=16", "data.source.size=32", "data.image_size=32", "data.num_workers=0",
                             f"paths.cache_dir={tiny_run['cache_dir']}", f"paths.output_dir={tiny_run['dir']}"])
@@ -228,10 +231,11 @@ def test_logo_table_scores_both_models_on_reals_plus_the_held_out_fakes(tiny_run
     dm.setup()
     test = dm.records["test"]
     # the same checkpoint as "base" and "held-out": D_g must be exactly 0
-    table = logo_table(tiny_run["ckpt"], {"transposed_conv": tiny_run["ckpt"]}, test, num_workers=0)
+    scoring = ScoringConfig(num_workers=0, progress=False)
+    table = logo_table(tiny_run["ckpt"], {"transposed_conv": tiny_run["ckpt"]}, test, scoring)
     row = table.iloc[0]
     assert row["n_real"] == sum(r.label == 0 for r in test) and row["n_fake"] == sum(r.label == 1 for r in test)
     assert row["acc_base"] == row["acc_heldout"] and row["d_g"] == 0.0
     assert "| transposed_conv |" in render_logo_markdown(table)
     with pytest.raises(ValueError, match="no test fakes"):
-        logo_table(tiny_run["ckpt"], {"stylegan2": tiny_run["ckpt"]}, test, num_workers=0)
+        logo_table(tiny_run["ckpt"], {"stylegan2": tiny_run["ckpt"]}, test, scoring)

@@ -64,7 +64,7 @@ def test_splice_with_a_donor():
         rng = np.random.default_rng(seed)
         image = _face(rng)
         donor_image = 255 - image
-        out, label, mask, gen = blend(image, 0, _landmarks(), rng, donor=lambda r: donor_image)
+        out, label, mask, gen = blend(image, 0, _landmarks(), rng, donor=lambda r, d=donor_image: d)
         assert label == 1 and gen == "splice"
         _check_exact(image, out, mask)
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from detectors.seg import SegDetector, soft_dice_loss
-from unmask.localization import mask_scores
+from unmask.evaluation.localization import mask_scores
 
 TINY = dict(backbone="tf_efficientnet_lite0", pretrained="none", decoder_channels=(32, 16, 16, 8), dropout=0.0)
 
@@ -64,6 +65,7 @@ def test_soft_dice_is_zero_for_a_perfect_mask():
     assert soft_dice_loss(1 - target, target).item() > 0.5
 
 
+@pytest.mark.slow
 def test_training_improves_mask_iou_on_planted_squares():
     torch.manual_seed(0)
     det = SegDetector(**TINY)
@@ -136,14 +138,16 @@ def _masked_manifest(root) -> str:
     return str(root / "MANIFEST.csv")
 
 
+@pytest.mark.slow
 def test_train_with_sbi_then_evaluate_reports_localisation(tmp_path, cache_dir):
     """train.py's path with detector=seg augment=sbi (pixel losses from self-blended reals),
     then evaluate.py's path on a split with mask files: report["localization"] and the CSV."""
-    from hydra.utils import instantiate
 
     from conftest import TINY_TRAIN_OVERRIDES, compose
-    from unmask.evaluation import evaluate_checkpoint
-    from unmask.training import train
+    from data.records import ManifestSource
+    from unmask.core.schemas import ScoringConfig
+    from unmask.tasks.evaluate import evaluate_records
+    from unmask.tasks.train import train
 
     run = tmp_path / "run"
     cfg = compose("train", TINY_TRAIN_OVERRIDES + [
@@ -155,13 +159,9 @@ def test_train_with_sbi_then_evaluate_reports_localisation(tmp_path, cache_dir):
 
     data_dir = tmp_path / "masked"
     data_dir.mkdir()
-    dcfg = compose("evaluate", ["ckpt=x", "data=manifest", f"data.source.manifest={_masked_manifest(data_dir)}",
-                                "data.num_workers=0", f"output_dir={tmp_path}", f"paths.cache_dir={cache_dir}"])
-    datamodule = instantiate(dcfg.data)
-    datamodule.records = {"test": datamodule.source.records()}  # all six in one split, no setup checks
-    datamodule.setup = lambda stage=None: None
-    report = evaluate_checkpoint(str(run / "checkpoints" / "best.ckpt"), datamodule, split="test", out_dir=tmp_path / "eval",
-                                 batch_size=4, num_workers=0, device="cpu")
+    records = ManifestSource(_masked_manifest(data_dir)).records()  # all six in one split
+    report = evaluate_records(str(run / "checkpoints" / "best.ckpt"), records, tmp_path / "eval",
+                              ScoringConfig(batch_size=4, num_workers=0, device="cpu", progress=False))
     loc = report["localization"]
     assert loc["n"] == 6 and loc["mask_from"] == "mask" and 0.0 <= loc["score"] <= 2.0
     assert set(loc["by_label"]) == {"real", "fake"}

@@ -1,5 +1,5 @@
 """Short training runs of every detector on the synthetic smoke set, through the same
-``unmask.training.train(cfg)`` that ``train.py`` calls; plus a real ``-m`` sweep and the
+``unmask.tasks.train.train(cfg)`` that ``train.py`` calls; plus a real ``-m`` sweep and the
 loggers. Tiny settings (32 px, a few steps): these prove the plumbing, not accuracy."""
 from __future__ import annotations
 
@@ -19,14 +19,15 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import unmask.config
-from unmask.checkpoint import load_detector
-from unmask.config import is_empty
-from unmask.metrics import choose_threshold
-from unmask.predict import predict
-from unmask.training import train
+import unmask.core.config
+from unmask.core.checkpoint import load_detector
+from unmask.core.config import is_empty
+from unmask.core.metrics import choose_threshold
+from unmask.core.schemas import ScoringConfig
+from unmask.scoring.scorer import Scorer
+from unmask.tasks.train import train
 
-ROOT = Path(unmask.config.PROJECT_ROOT)
+ROOT = Path(unmask.core.config.PROJECT_ROOT)
 
 TINY = [
     "data.source.n_per_class=16",
@@ -44,7 +45,7 @@ TINY = [
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=unmask.config.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=unmask.core.config.CONFIG_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 
@@ -107,18 +108,19 @@ def test_every_detector_trains_and_writes_checkpoints(run_name, request):
 def test_threshold_in_checkpoint_is_chosen_on_validation(cnnspot_run):
     best = _ckpt(cnnspot_run)
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
-    stored = float(ckpt["state_dict"]["threshold"])
-    assert ckpt["unmask"]["threshold"] == pytest.approx(stored)
+    stored = float(ckpt["unmask"]["threshold"])
+    assert "threshold" not in ckpt["state_dict"]  # one place: the unmask section
+    assert ckpt["unmask"]["threshold_from"].startswith("validation split")
     loaded = load_detector(best)
-    assert loaded.threshold == pytest.approx(stored)
-    # recompute: the selected checkpoint's own scores on the validation split
+    assert loaded.threshold == pytest.approx(stored) and cnnspot_run["metrics"]["threshold"] == pytest.approx(stored)
+    # recompute: the selected checkpoint's own scores on the validation split, as infer.py scores
     datamodule = instantiate(cnnspot_run["cfg"].data, augment=None)
     datamodule.setup()
-    preds, _ = predict(loaded.detector, datamodule.datasets["val"], batch_size=16, num_workers=0, device="cpu", progress=False)
+    preds = Scorer(loaded, ScoringConfig(batch_size=16, num_workers=0, device="cpu", progress=False)).score(datamodule.records["val"]).files
     assert len(preds) == len(datamodule.records["val"]) and preds["ok"].all()
-    expected = choose_threshold(preds["label"], preds["prob"], cnnspot_run["cfg"].threshold_policy)
+    expected = choose_threshold(preds["label"], preds["prob"], cnnspot_run["cfg"].scoring.threshold_policy)
     print(f"stored threshold {stored:.6f}, recomputed on validation {expected:.6f}")
-    assert stored == pytest.approx(expected, abs=1e-4)
+    assert stored == pytest.approx(expected, abs=1e-6)
     assert {r.split for r in datamodule.records["val"]} == {"val"}  # scored the validation split only
 
 
@@ -174,6 +176,7 @@ def test_logger_none_trains_without_a_learning_rate_monitor(npr_run):
     assert not list(npr_run["dir"].glob("csv"))
 
 
+@pytest.mark.slow
 def test_wandb_logger_offline(tmp_path, cache, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -197,6 +200,7 @@ def test_wandb_logger_offline(tmp_path, cache, monkeypatch):
     assert "val/auc" in csv_metrics(run["dir"]).columns  # the CSV logger runs beside it
 
 
+@pytest.mark.slow
 def test_multirun_sweep_runs_every_detector(tmp_path):
     """``python train.py -m detector=cnnspot,npr``: one process, one job per detector."""
     sweep = tmp_path / "sweep"

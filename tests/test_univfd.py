@@ -157,8 +157,8 @@ def test_crop_is_random_per_image_in_training_and_centred_in_evaluation():
 
 @pytest.mark.parametrize("detector", ["univfd", "univfd_knn"])
 def test_train_py_univfd_probe_and_knn_with_cache(detector, tmp_path):
-    from unmask.checkpoint import load_detector
-    from unmask.training import train
+    from unmask.core.checkpoint import load_detector
+    from unmask.tasks.train import train
 
     cache = tmp_path / "emb"
     cfg = compose(

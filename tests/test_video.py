@@ -20,7 +20,7 @@ from conftest import compose
 from data.canonical import Canonicalizer
 from data.records import Record
 from data.video import FrameSampler, VideoDecodeError, VideoFrameDataset, probe_video, read_frames
-from unmask.aggregate import ScoreAggregator, aggregate_videos
+from unmask.scoring.combine import ScoreAggregator, aggregate_videos
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str = "mpeg4") -> Path:
@@ -201,7 +201,7 @@ def _write_png(path: Path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def infer_run(tiny_ckpt, videos, tmp_path_factory):
-    from unmask.inference import run_inference
+    from unmask.tasks.infer import run_inference
 
     root = tmp_path_factory.mktemp("infer_in")
     (root / "sub").mkdir()
@@ -214,7 +214,7 @@ def infer_run(tiny_ckpt, videos, tmp_path_factory):
     out = tmp_path_factory.mktemp("infer_out")
     cfg = compose(
         "infer",
-        [f"ckpt={tiny_ckpt}", f"input={root}", f"output_dir={out}", "num_workers=2", "batch_size=8", "scores=true",
+        [f"ckpt={tiny_ckpt}", f"input={root}", f"output_dir={out}", "scoring.num_workers=2", "scoring.batch_size=8", "scores=true",
          "metrics=true", "video.sampler.num_frames=4", "video.aggregate.method=mean"],
     )
     result = run_inference(cfg)
@@ -260,11 +260,11 @@ def test_infer_reports_qps(infer_run):
 
 
 def test_infer_accepts_a_manifest(tiny_ckpt, infer_run, tmp_path):
-    from unmask.inference import run_inference
+    from unmask.tasks.infer import run_inference
 
     root = infer_run["root"]
     (root / "list.csv").write_text("relpath\nclip.mp4\nsub/a_image.png\nmissing.jpg\n")
-    cfg = compose("infer", [f"ckpt={tiny_ckpt}", f"input={root / 'list.csv'}", f"output_dir={tmp_path}", "num_workers=0", "video.sampler.num_frames=2"])
+    cfg = compose("infer", [f"ckpt={tiny_ckpt}", f"input={root / 'list.csv'}", f"output_dir={tmp_path}", "scoring.num_workers=0", "video.sampler.num_frames=2"])
     rows = _rows(run_inference(cfg))
     assert [r[0] for r in rows] == ["clip.mp4", "missing.jpg", "sub/a_image.png"]
 
@@ -298,23 +298,29 @@ def video_manifest(tmp_path_factory, videos) -> Path:
 def test_evaluate_reports_video_level_metrics_and_qps(tiny_ckpt, video_manifest, tmp_path):
     from hydra.utils import instantiate
 
-    from unmask.evaluation import evaluate_checkpoint
-    from unmask.video_scoring import VideoOptions
+    from unmask.core.schemas import ScoringConfig
+    from unmask.scoring.combine import VideoOptions
+    from unmask.tasks.evaluate import evaluate_records
 
     cfg = compose("evaluate", ["data=manifest", f"data.source.manifest={video_manifest}", "data.image_size=32", "output_dir=/tmp", "hydra.run.dir=/tmp"])
     options = VideoOptions(sampler=FrameSampler(num_frames=3), aggregator=ScoreAggregator("max"))
-    report = evaluate_checkpoint(str(tiny_ckpt), instantiate(cfg.data), split="test", out_dir=tmp_path, num_workers=1, video=options)
+    data = instantiate(cfg.data)
+    data.setup()
+    report = evaluate_records(str(tiny_ckpt), data.records["test"], tmp_path, ScoringConfig(num_workers=1, progress=False), options)
     video = report["video"]
     assert video["n_videos"] == 7 and video["n_undecodable"] == 1 and video["aggregate"] == "max"
     assert video["overall"]["n"] == 6 and 0.0 <= video["overall"]["auc"] <= 1.0
-    predictions = pd.read_csv(tmp_path / "predictions.csv")
+    predictions = pd.read_csv(tmp_path / "predictions.csv")  # one row per file, a video file's aggregated
+    frames = pd.read_csv(tmp_path / "frames.csv")  # the frames behind the video files
     table = pd.read_csv(tmp_path / "videos.csv").set_index("video_id")
+    assert len(predictions) == 11 and predictions["path"].is_unique
     # the frame images of a manifest video are aggregated under their explicit id
     fv0 = predictions[predictions["video_id"] == "fv0"]
     assert len(fv0) == 3 and table.loc["fv0", "prob"] == pytest.approx(fv0["prob"].max())
     assert table.loc["fv1", "label"] == 1 and table.loc["fv0", "label"] == 0
     v1 = str(video_manifest.parent / "v1.mp4")
-    assert table.loc[v1, "n_frames"] == 3 and table.loc[v1, "prob"] == pytest.approx(predictions.loc[predictions["path"] == v1, "prob"].max())
+    assert table.loc[v1, "n_frames"] == 3 and table.loc[v1, "prob"] == pytest.approx(frames.loc[frames["path"] == v1, "prob"].max())
+    assert predictions.set_index("path").loc[v1, "prob"] == pytest.approx(table.loc[v1, "prob"])  # the file's row is its video score
     saved = json.loads((tmp_path / "metrics.json").read_text())
     t = saved["throughput"]
     assert (t["n_images"], t["n_videos"], t["n_video_frames"]) == (6, 5, 12)
@@ -326,13 +332,16 @@ def test_evaluate_reports_video_level_metrics_and_qps(tiny_ckpt, video_manifest,
 def test_evaluate_image_only_has_qps_and_no_video_part(tiny_run, tmp_path):
     from hydra.utils import instantiate
 
-    from unmask.evaluation import evaluate_checkpoint
+    from unmask.core.schemas import ScoringConfig
+    from unmask.tasks.evaluate import evaluate_records
 
     cfg = compose(
         "evaluate",
         ["data.source.n_per_class=16", "data.source.size=32", "data.image_size=32", f"paths.cache_dir={tiny_run['cache_dir']}", "output_dir=/tmp", "hydra.run.dir=/tmp"],
     )
-    report = evaluate_checkpoint(str(tiny_run["ckpt"]), instantiate(cfg.data), split="test", out_dir=tmp_path, num_workers=0)
+    data = instantiate(cfg.data)
+    data.setup()
+    report = evaluate_records(str(tiny_run["ckpt"]), data.records["test"], tmp_path, ScoringConfig(num_workers=0, progress=False))
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert "video" not in saved and not (tmp_path / "videos.csv").exists()
     assert saved["qps_video"] == 0.0 and saved["qps_image"] == pytest.approx(report["overall"]["n"] / saved["throughput"]["wall_seconds"])

@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 
 from data.faces.types import Face
-from unmask.io import atomic_write_bytes
+from data.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

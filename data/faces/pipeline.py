@@ -8,7 +8,7 @@ starts, so DataLoader workers only read the cache.
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -90,6 +90,10 @@ class FacePipeline:
         ]
         return sorted(kept, key=lambda f: -f.score)[: self.max_faces]
 
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        """Selected faces of pixels that are not a file (a video frame, a perturbed image): not cached."""
+        return self.select(self.analyzer.detect(rgb))
+
     def faces(self, path: str, rgb: np.ndarray | None = None) -> list[Face]:
         """Selected faces of the file at ``path`` (from the cache, else detected now)."""
         digest = self._digest(path)
@@ -106,7 +110,7 @@ class FacePipeline:
         returns counts of images, images with a face, without, undecodable, and cache hits."""
         paths = list(dict.fromkeys(paths))
         stats = {"images": len(paths), "with_face": 0, "no_face": 0, "undecodable": 0, "cached": 0}
-        for i, path in enumerate(tqdm(paths, desc=f"faces ({self.analyzer.name})", unit="img", disable=not progress, leave=False)):
+        for path in tqdm(paths, desc=f"faces ({self.analyzer.name})", unit="img", disable=not progress, leave=False):
             try:
                 digest = self._digest(path)
                 hit = digest in self.cache.entries
@@ -129,7 +133,7 @@ class FacePipeline:
     def frame_crops(self, rgb: np.ndarray) -> list[np.ndarray]:
         """The video hook (``data.video``): a frame's face crops, plus the whole frame when
         ``whole_image`` or when no face is found (frames are not cached: they have no file)."""
-        faces = self.select(self.analyzer.detect(rgb))
+        faces = self.detect(rgb)
         crops = [self.crop_face(rgb, f)[0] for f in faces] if self.crop else []
         return crops + [rgb] if self.whole_image or not crops else crops
 

@@ -23,7 +23,7 @@ class Face:
                 "landmarks": np.asarray(self.landmarks, np.float32).round(2).tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Face":
+    def from_dict(cls, d: dict) -> Face:
         return cls(np.asarray(d["box"], np.float32), float(d["score"]), np.asarray(d["landmarks"], np.float32).reshape(-1, 2))
 
     @property

@@ -1,0 +1,148 @@
+"""The checkpoint format: a trained detector, its threshold and its preprocessing, rebuilt
+from the file alone.
+
+A checkpoint is Lightning's dict plus one ``unmask`` section::
+
+    checkpoint["state_dict"]            # the LightningModule's tensors; the detector's under "detector."
+    checkpoint["unmask"] = {
+        "format": 2,
+        "run_config": {...},            # the resolved training config: detector, wrappers, canonical, faces...
+        "threshold": 0.42,              # the decision threshold: its one place
+        "threshold_from": "...",        # how it was chosen (validation, by the scorer)
+    }
+
+Format 1 (before the package was split by concern) kept the threshold as a state-dict buffer
+too, nested OSN inside ``detector`` and named classes at their old module paths; it loads
+unchanged (``TARGET_ALIASES``).
+"""
+from __future__ import annotations
+
+import copy
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+from data.canonical import Canonicalizer
+from data.faces.pipeline import FacePipeline
+from data.io import atomic_write_bytes
+from detectors.backbones import skip_pretrained
+from detectors.base import Detector
+from unmask.core.build import build_detector
+
+FORMAT = 2
+
+# Classes that moved: a stored config naming the old path builds the class at the new one.
+TARGET_ALIASES = {
+    "unmask.attribution.AttributedDetector": "detectors.wrappers.attribution.AttributedDetector",
+    "detectors.osn.OSNRobust": "detectors.wrappers.osn.OSNRobust",
+    "unmask.aggregate.ScoreAggregator": "unmask.scoring.combine.ScoreAggregator",
+    "unmask.attacks.FGSM": "unmask.robustness.attacks.FGSM",
+    "unmask.attacks.PGD": "unmask.robustness.attacks.PGD",
+    "unmask.osn_pretrain.SyntheticPlatform": "unmask.tasks.osn_pretrain.SyntheticPlatform",
+}
+# Whole modules that moved (every name in them).
+MODULE_ALIASES = {"data.perturb.": "unmask.robustness.perturbations."}
+
+
+def alias_targets(node):
+    """A copy of a stored config with every moved ``_target_`` renamed to where it lives now."""
+    if isinstance(node, dict):
+        out = {k: alias_targets(v) for k, v in node.items()}
+        target = out.get("_target_")
+        if isinstance(target, str):
+            target = TARGET_ALIASES.get(target, target)
+            for old, new in MODULE_ALIASES.items():
+                if target.startswith(old):
+                    target = new + target[len(old) :]
+            out["_target_"] = target
+        return out
+    if isinstance(node, list):
+        return [alias_targets(v) for v in node]
+    return node
+
+
+@dataclass
+class LoadedDetector:
+    detector: Detector
+    threshold: float
+    canonical: Canonicalizer
+    config: dict
+    path: str
+    faces: FacePipeline | None = None  # the face stage it was trained with (configs/faces), if any
+    threshold_from: str = ""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; pass ckpt=outputs/train/<run>/checkpoints/best.ckpt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "unmask" not in ckpt:
+        raise ValueError(f"{path} is not an unmask checkpoint (no run config inside)")
+    return ckpt
+
+
+def stored_threshold(ckpt: dict) -> float:
+    """The decision threshold of a checkpoint of any format."""
+    section = ckpt["unmask"]
+    if section.get("format", 1) >= 2 or "threshold" not in ckpt.get("state_dict", {}):
+        return float(section.get("threshold", 0.5))
+    return float(ckpt["state_dict"]["threshold"])  # format 1: the buffer was the primary copy
+
+
+def load_detector(path: str | Path) -> LoadedDetector:
+    """Rebuild the detector (with its wrappers), the canonicaliser and the face stage of a
+    checkpoint, with its trained weights and threshold, in eval mode on the CPU."""
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    config = alias_targets(ckpt["unmask"]["run_config"])
+    with skip_pretrained():  # the state dict below carries the trained weights
+        detector = build_detector(config)
+    state = ckpt["state_dict"]
+    detector.load_state_dict({k[len("detector.") :]: v for k, v in state.items() if k.startswith("detector.")})
+    detector.eval()
+    canonical = instantiate(config["canonical"])
+    faces = config.get("faces") or None
+    faces = instantiate(relocate_machine_paths(faces, beside=path.parent)) if faces else None
+    return LoadedDetector(
+        detector, stored_threshold(ckpt), canonical, config, str(path), faces, ckpt["unmask"].get("threshold_from", "")
+    )
+
+
+def store_threshold(path: str | Path, threshold: float, how: str) -> None:
+    """Write ``threshold`` (and how it was chosen) into the checkpoint at ``path``, atomically."""
+    ckpt = read_checkpoint(path)
+    ckpt["state_dict"].pop("threshold", None)  # format 1's second copy
+    ckpt["unmask"].update(format=FORMAT, threshold=float(threshold), threshold_from=how)
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def relocate_machine_paths(node: dict, beside: Path | None = None) -> dict:
+    """The stored config names files of the machine that trained (face weights under its
+    ``shared/``, its cache folder). On another machine: a weight file that is not there is
+    looked up by name beside the checkpoint (``beside``: how a submission ships them), then in
+    this machine's ``shared/weights``; caches go to this project's."""
+    from unmask.core.config import PROJECT_ROOT
+
+    shared = Path(os.environ.get("UNMASK_SHARED", PROJECT_ROOT.parent / "shared")) / "weights"
+    cache = Path(os.environ.get("UNMASK_CACHE", PROJECT_ROOT / ".cache")) / "faces"
+
+    def visit(value, key=""):
+        if isinstance(value, dict):
+            return {k: visit(v, k) for k, v in value.items()}
+        if key == "cache_dir" and value and not Path(value).parent.is_dir():
+            return str(cache)
+        if isinstance(value, str) and Path(value).suffix in {".pth", ".pt", ".npy", ".onnx"} and not Path(value).exists():
+            for folder in ([beside] if beside else []) + [shared]:
+                if (folder / Path(value).name).exists():
+                    return str(folder / Path(value).name)
+            return value  # still missing: the analyser names the file
+        return value
+
+    return visit(copy.deepcopy(node))

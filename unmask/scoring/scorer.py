@@ -1,0 +1,248 @@
+"""The one scoring loop: records in, one probability per file out.
+
+Every job that scores a checkpoint goes through ``Scorer``: infer.py, evaluate.py, the
+training run's test step and its threshold, the robustness grid, the generalization study,
+localisation metrics and the explanation gallery. So a checkpoint is scored one way:
+
+- image files become their views (``data.dataset.ViewsDataset``: the whole image and, with
+  the checkpoint's face stage, its face crops); the views' scores combine into the file's
+  (``combine.combine_views``);
+- video files become their sampled frames (and the frames' face crops), aggregated per
+  video (``configs/video``);
+- the runtime (``scoring.runtime``) gives per view P(fake) and, with an attribution head,
+  the forgery-type probabilities; an explainer, when given, the forgery maps;
+- evaluators see every batch as a ``ScoredBatch`` (``update``) and the result as ``Scores``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data.dataset import ViewsDataset, collate_views
+from data.records import Record
+from data.sample import usable_rows
+from data.video import VideoFrameDataset, split_videos
+from unmask.core.checkpoint import LoadedDetector
+from unmask.core.schemas import ScoringConfig
+from unmask.scoring.combine import VideoOptions, combine_views, video_file_rows
+from unmask.scoring.runtimes import OnnxRuntime, RuntimeOutput, TorchRuntime, pick_device
+
+log = logging.getLogger(__name__)
+
+# The meta keys every sample carries; scalar extras (a frame's timestamp, a view's index...)
+# become columns of the view rows too.
+BASE_META = ("path", "ok", "error", "source", "generator", "group")
+FILE_COLUMNS = ("path", "prob", "label", "ok", "error", "source", "generator", "group")  # every Scores.files has these
+
+# (detector, image, batch, eager output or None) -> (V, 1, H, W) maps in [0, 1]; an attribute
+# ``source`` may say what they are (unmask.explain.gradcam.ForgeryMaps).
+Explainer = Callable[..., Tensor]
+
+
+@dataclass
+class ScoredBatch:
+    """One batch of scored views (or video frames), as evaluators see it."""
+
+    batch: dict  # the collated samples: image, label, meta (file, view, ok, ...), mask, landmarks
+    prob: Tensor  # (V,) float32, NaN where the view could not be decoded
+    class_prob: Tensor | None = None  # (V, C) forgery-type probabilities, with an attribution head
+    maps: Tensor | None = None  # (V, 1, H, W) forgery maps in [0, 1], when an explainer was given
+    kind: str = "images"  # images | frames
+    map_source: str | None = None  # what the maps are: mask | heatmap | gradcam (the explainer's ``source``)
+
+
+class Evaluator(Protocol):
+    def update(self, scored: ScoredBatch) -> None: ...
+
+
+@dataclass
+class Scores:
+    """The scored result of one pass: one row per file, and the video frames behind videos.
+
+    ``files`` columns: ``path, prob, label, ok, error, source, generator, group``; with a face
+    stage ``n_faces, face_fallback, whole_prob, face_probs``; with an attribution head
+    ``type, type_prob, p_<class>``; for video files ``n_frames, video_seconds``. ``prob`` is
+    NaN where a file could not be decoded (``ok`` False, ``error`` says why)."""
+
+    files: pd.DataFrame
+    frames: pd.DataFrame = field(default_factory=pd.DataFrame)
+    seconds: float = 0.0
+    runtime: str = "torch"
+    n_images: int = 0
+    n_videos: int = 0
+
+    def usable(self) -> pd.DataFrame:
+        """The rows that metrics and thresholds count (decoded and labelled)."""
+        return self.files[usable_rows(self.files)] if len(self.files) else self.files
+
+    @property
+    def video_seconds(self) -> float:
+        """Total duration of the video files scored (the spec's QPS_video numerator)."""
+        if self.files.empty or "video_seconds" not in self.files:
+            return 0.0
+        return float(self.files["video_seconds"].fillna(0).sum())
+
+    @property
+    def n_video_frames(self) -> int:
+        return int(self.frames["ok"].sum()) if len(self.frames) else 0
+
+
+def _value(v):
+    return v.item() if isinstance(v, Tensor) else v
+
+
+def view_rows(scored: ScoredBatch, class_names: Sequence[str] | None) -> list[dict]:
+    """One row per view: its score, its sample's meta, and the forgery type when known."""
+    meta = scored.batch["meta"]
+    labels = torch.as_tensor(scored.batch["label"]).view(-1).tolist()
+    extra = [k for k in meta if k not in BASE_META and not isinstance(meta[k], dict)]
+    class_prob = scored.class_prob.float().numpy() if scored.class_prob is not None and class_names else None
+    rows = []
+    for i, p in enumerate(scored.prob.tolist()):
+        ok = bool(meta["ok"][i])
+        row = {
+            "path": meta["path"][i],
+            "prob": p,
+            "label": int(labels[i]),
+            "ok": ok,
+            "error": meta["error"][i],
+            "source": meta["source"][i],
+            "generator": meta["generator"][i],
+            "group": meta["group"][i],
+            **{k: _value(meta[k][i]) for k in extra},
+        }
+        if class_prob is not None:
+            q = class_prob[i]
+            k = int(np.argmax(q))
+            row.update(type=class_names[k] if ok else "", type_prob=float(q[k]) if ok else math.nan)
+            row.update({f"p_{c}": float(v) if ok else math.nan for c, v in zip(class_names, q)})
+        rows.append(row)
+    return rows
+
+
+class Scorer:
+    """Scores records with a loaded checkpoint as ``options`` (``configs/scoring``) say.
+
+    ``video``: frame sampling and aggregation for video files; the checkpoint's face stage
+    crops frames too unless ``video.face_crops`` is set."""
+
+    def __init__(self, loaded: LoadedDetector, options: ScoringConfig | None = None, video: VideoOptions | None = None) -> None:
+        self.loaded = loaded
+        self.options = options or ScoringConfig()
+        video = video or VideoOptions()
+        if loaded.faces is not None and video.face_crops is None:
+            video = dataclasses.replace(video, face_crops=loaded.faces.frame_crops)
+        self.video = video
+        self._runtime = None
+
+    # ---- runtimes ---------------------------------------------------------------------
+    @property
+    def runtime(self):
+        """The configured runtime, built on first use (an ONNX export happens then)."""
+        if self._runtime is None:
+            self._runtime = self.build_runtime()
+        return self._runtime
+
+    def build_runtime(self):
+        o = self.options
+        if o.runtime == "onnx":
+            from unmask.scoring.onnx_export import ensure_onnx, refuse_export
+
+            refuse_export(self.loaded.detector)
+            return OnnxRuntime(ensure_onnx(self.loaded, o.onnx_model), device=o.device)
+        return TorchRuntime(self.loaded.detector, device=o.device, amp=o.amp, compile=o.compile)
+
+    def eager_runtime(self, detector=None) -> TorchRuntime:
+        """Eager PyTorch on the scoring device, e.g. around an attacked detector (attacks
+        need gradients, which only the eager runtime has)."""
+        o = self.options
+        return TorchRuntime(detector or self.loaded.detector, device=o.device, amp=o.amp)
+
+    @property
+    def device(self) -> torch.device:
+        return pick_device(self.options.device)
+
+    # ---- data -------------------------------------------------------------------------
+    def dataset(self, records: list[Record], **kwargs) -> ViewsDataset:
+        """The views of ``records`` as this checkpoint scores them; ``kwargs`` go to
+        ``ViewsDataset`` (perturbation hooks, shared caches, a forgery augment)."""
+        return ViewsDataset(records, self.loaded.canonical, faces=self.loaded.faces, **kwargs)
+
+    def _loader(self, dataset, collate=None, workers: int | None = None) -> DataLoader:
+        o = self.options
+        return DataLoader(
+            dataset, batch_size=o.batch_size, shuffle=False, num_workers=o.num_workers if workers is None else workers,
+            collate_fn=collate, pin_memory=self.device.type == "cuda",
+        )
+
+    # ---- the loop -----------------------------------------------------------------------
+    def score(
+        self,
+        records: Iterable[Record] | ViewsDataset,
+        evaluators: Sequence[Evaluator] = (),
+        explainer: Explainer | None = None,
+        runtime=None,
+        progress: bool | None = None,
+    ) -> Scores:
+        """Score image and video records (or a prepared ``ViewsDataset`` of images).
+
+        ``evaluators`` see each batch; ``explainer`` adds forgery maps to the batches (eager
+        detector); ``runtime`` replaces the configured one for this pass."""
+        start = time.perf_counter()
+        progress = self.options.progress if progress is None else progress
+        runtime = runtime or self.runtime
+        if isinstance(records, ViewsDataset):
+            dataset, videos = records, []
+        else:
+            images, videos = split_videos(list(records))
+            dataset = self.dataset(images)
+        faces = self.loaded.faces
+        if faces is not None and dataset.decoded_hook is None and len(dataset):
+            faces.prepare([r.path for r in dataset.records], progress=progress)
+        parts, frames = [], pd.DataFrame()
+        if len(dataset):
+            views = self._loop(self._loader(dataset, collate_views), runtime, evaluators, explainer, "images", progress)
+            parts.append(combine_views(views, faces))
+        if videos:
+            frames = self._loop(self._video_loader(videos), runtime, evaluators, explainer, "frames", progress)
+            frames = frames.sort_values(["video_id", "timestamp", "crop_index"], kind="stable", na_position="first").reset_index(drop=True)
+            parts.append(video_file_rows(frames, self.video.aggregator))
+        files = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else pd.DataFrame(columns=FILE_COLUMNS))
+        return Scores(files, frames, time.perf_counter() - start, runtime.name, len(dataset), len(videos))
+
+    def _video_loader(self, videos: list[Record]) -> DataLoader:
+        v = self.video
+        dataset = VideoFrameDataset(videos, self.loaded.canonical, v.sampler, v.face_crops, v.id_column)
+        # A worker per video at most: an idle worker only costs start-up time.
+        return self._loader(dataset, workers=min(self.options.num_workers, len(videos)))
+
+    def _loop(self, loader, runtime, evaluators, explainer, kind: str, progress: bool) -> pd.DataFrame:
+        rows: list[dict] = []
+        detector = self.loaded.detector
+        if explainer is not None:
+            detector.to(self.device)  # maps come from the eager detector, whatever the runtime
+        for batch in tqdm(loader, desc=f"scoring {kind}", unit="batch", disable=not progress, leave=False):
+            out: RuntimeOutput = runtime(batch["image"], batch)
+            ok = torch.as_tensor(batch["meta"]["ok"], dtype=torch.bool).view(-1)
+            prob = torch.where(ok, out.prob.float(), torch.full_like(out.prob.float(), math.nan))
+            maps = None
+            if explainer is not None:
+                maps = explainer(detector, batch["image"].to(self.device), batch, out.output)
+                maps = None if maps is None else maps.detach().float().cpu()
+            scored = ScoredBatch(batch, prob, out.class_prob, maps, kind, getattr(explainer, "source", None))
+            for evaluator in evaluators:
+                evaluator.update(scored)
+            rows += view_rows(scored, detector.class_names)
+        return pd.DataFrame(rows)

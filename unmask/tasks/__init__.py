@@ -1,0 +1,1 @@
+"""One thin orchestration module per entry point: compose, then call the task."""

@@ -1,0 +1,107 @@
+"""infer.py's job: score every file of a folder (or of a manifest) and write the contest file.
+
+Video files (mp4, avi, mov, webm, mkv, m4v) get one row too: their sampled frames are scored
+and aggregated to one score (``configs/video``). The run's QPS_image / QPS_video are printed
+(and written to ``result_*.metrics.json`` with ``metrics=true``). ``explain=gallery`` then
+writes maps, overlays and an HTML page, after the contest file and its timing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+from data.io import atomic_write_json
+from data.records import ListedFilesSource, Record, UnlabelledFolderSource
+from unmask.core.checkpoint import load_detector
+from unmask.core.config import is_empty
+from unmask.core.metrics import decide
+from unmask.core.schemas import ExplainConfig, options
+from unmask.reports.contest import contest_filename, sidecar, write_contest_csv, write_frames, write_scores, write_undecodable
+from unmask.reports.tables import fmt
+from unmask.reports.throughput import RunClock, format_throughput, throughput_report
+from unmask.scoring.combine import VideoOptions
+from unmask.scoring.scorer import Scorer, Scores
+
+log = logging.getLogger(__name__)
+
+
+def input_records(path: Path) -> tuple[list[Record], Path]:
+    """Records of ``input`` and the folder names are relative to: a folder (every file
+    below it) or a ``.csv`` manifest listing files (``relpath`` column)."""
+    if path.is_file() and path.suffix.lower() == ".csv":
+        source = ListedFilesSource(str(path))
+        return source.records(), source.root
+    return UnlabelledFolderSource(str(path)).records(), path
+
+
+def run_inference(cfg: DictConfig) -> Path:
+    clock = RunClock()
+    started = dt.datetime.now()
+    # Every setting is checked before the first file is read.
+    scoring = options(cfg.scoring)
+    explain = None if is_empty(cfg.get("explain")) else options(cfg.explain, ExplainConfig)
+    if cfg.fallback_label not in (0, 1):
+        raise ValueError(f"fallback_label must be 0 or 1, got {cfg.fallback_label!r}")
+    video = VideoOptions.from_config(cfg.get("video"))
+    loaded = load_detector(cfg.ckpt)
+    records, names_root = input_records(Path(cfg.input))
+    out_path = Path(cfg.output_dir) / contest_filename(started)
+    if not records:
+        log.warning("input folder %s holds no files: writing an empty result", cfg.input)
+        return write_contest_csv(out_path, [], [])
+
+    scorer = Scorer(loaded, scoring, video)
+    scores = scorer.score(records)
+    files = scores.files
+    files["name"] = [Path(p).relative_to(names_root).as_posix() for p in files["path"]]
+    labels, threshold = decide(files["prob"].to_numpy(), scoring.threshold, loaded.threshold)
+    failed = labels < 0
+    labels[failed] = int(cfg.fallback_label)
+    files["decision"] = labels
+    write_contest_csv(out_path, files["name"].tolist(), labels.tolist())
+    throughput = throughput_report(clock.seconds(), scores.n_images, scores.n_videos, scores.video_seconds, scores.n_video_frames)
+
+    undecodable = write_undecodable(out_path, files)
+    if undecodable is not None:
+        bad = files[failed]
+        log.warning(
+            "%d file(s) could not be decoded and got fallback label %d: %s (listed in %s)",
+            len(bad), cfg.fallback_label, ", ".join(bad["name"].head(10)), undecodable,
+        )
+    if cfg.scores:
+        log.info("scores written to %s", write_scores(out_path, files))
+        if len(scores.frames):
+            write_frames(out_path, scores.frames.assign(name=[Path(p).relative_to(names_root).as_posix() for p in scores.frames["path"]]))
+    print(
+        f"wrote {out_path} ({len(files)} rows, {int(np.sum(labels))} labelled AI-generated, threshold {fmt(threshold)}); "
+        f"{len(files) / max(scores.seconds, 1e-9):.1f} images/s ({scores.seconds:.1f} s)"
+    )
+    print(f"throughput ({scores.runtime} runtime): {format_throughput(throughput)}")
+    if cfg.get("metrics", False):
+        atomic_write_json(
+            sidecar(out_path, "metrics.json"),
+            {"qps_image": throughput["qps_image"], "qps_video": throughput["qps_video"], "throughput": throughput, "runtime": scores.runtime},
+        )
+    if explain is not None:  # last, after the contest file and the timing: it can cost neither
+        write_gallery(scorer, records, scores, sidecar(out_path, "explain"), explain, threshold)
+    return out_path
+
+
+def write_gallery(scorer: Scorer, records: list[Record], scores: Scores, out_dir: Path, explain: ExplainConfig, threshold: float) -> Path:
+    """The explanation gallery of the image files: one more pass of the scorer over the
+    files shown (the ``explain.limit`` highest-scoring), with forgery maps."""
+    from data.video import split_videos
+    from unmask.explain.gallery import Gallery, ordered_records
+    from unmask.explain.gradcam import ForgeryMaps
+
+    images, _ = split_videos(records)
+    shown, rows = ordered_records(images, scores.files, explain.limit)
+    gallery = Gallery(out_dir, dict(zip(rows["path"], rows["name"])), explain.mask_threshold)
+    maps = ForgeryMaps(explain.method, explain.layer)
+    if shown:
+        scorer.score(shown, evaluators=[gallery], explainer=maps, runtime=scorer.eager_runtime(), progress=False)
+    return gallery.write_index(rows, f"Explanations: {Path(scorer.loaded.path).name}", maps.describe(), threshold)
