@@ -205,3 +205,21 @@ def test_local_weights_file_round_trips(tmp_path, by_key_names):
 def test_missing_local_file_is_an_error(tmp_path):
     with pytest.raises(MissingWeightsError, match="does not exist"):
         create_backbone("tf_efficientnet_lite0", pretrained="none", weights=str(tmp_path / "nope.pth"))
+
+
+def test_a_local_weights_file_wins_over_the_hub(tmp_path, monkeypatch):
+    """``pretrained=hub weights=FILE`` (a recipe's hub default plus an offline file): the file
+    is loaded and the hub is never asked."""
+    import timm
+
+    trained = create_backbone("tf_efficientnet_lite0", pretrained="none")
+    torch.save(trained.state_dict(), tmp_path / "b.pth")
+    create = timm.create_model
+
+    def no_hub(name, pretrained=False, **kwargs):
+        assert not pretrained, "the hub was asked although a weights file was given"
+        return create(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_hub)
+    loaded = create_backbone("tf_efficientnet_lite0", pretrained="hub", weights=str(tmp_path / "b.pth"))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.state_dict().items())
