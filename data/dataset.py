@@ -299,16 +299,16 @@ class ViewsDataset(ImageDataset):
             raise ImageDecodeError(hit)
         return hit
 
+    def _raw(self, index: int) -> np.ndarray:
+        """The decoded image, through ``raw_cache`` when one is shared."""
+        return self._cached(self.raw_cache, index, lambda: self._decode(index, self.draft_decode and self.faces is None))
+
     def _views(self, index: int) -> list[_Resized]:
         if self.decoded_hook is None and self.raw_cache is None:
-            return self._cached(self.views_cache, index, lambda: self._cut_views(index, None))
-        draft = self.draft_decode and self.faces is None
-        rgb = self._cached(self.raw_cache, index, lambda: self._decode(index, draft))
-        return self._cut_views(index, rgb)
+            return self._cached(self.views_cache, index, lambda: self._cut_views(index, self._raw(index)))
+        return self._cut_views(index, self._raw(index))
 
-    def _cut_views(self, index: int, rgb: np.ndarray | None) -> list[_Resized]:
-        if rgb is None:
-            rgb = self._decode(index, self.draft_decode and self.faces is None)
+    def _cut_views(self, index: int, rgb: np.ndarray) -> list[_Resized]:
         if self.decoded_hook is not None:
             rgb = self.decoded_hook(rgb, index)
         if self.faces is None:
@@ -321,14 +321,13 @@ class ViewsDataset(ImageDataset):
         return [self._cut(index, rgb, faces, k) for k in wanted]
 
     def warm(self) -> None:
-        """Decode (and, without a perturbation of the decoded image, cut) every file into the
-        shared caches, in this process."""
+        """Fill the shared caches (decoded images, or cut views) in this process."""
         for index in range(len(self)):
             try:
-                if self.views_cache is not None and self.decoded_hook is None and self.raw_cache is None:
+                if self.raw_cache is not None:
+                    self._raw(index)
+                elif self.views_cache is not None:
                     self._views(index)
-                elif self.raw_cache is not None:
-                    self._cached(self.raw_cache, index, lambda i=index: self._decode(i, self.draft_decode and self.faces is None))
             except ImageDecodeError:
                 pass
 
