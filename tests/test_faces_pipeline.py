@@ -73,6 +73,16 @@ def brightness_at(image, xy) -> float:
     return float(image[:, y, x].mean())
 
 
+def brightness_near(image, xy) -> float:
+    """The brightest pixel within one pixel of ``xy``: a rotation spreads a 1-2 px dot over
+    its neighbours (sub-pixel), while a misplaced landmark is many pixels off its dot."""
+    x, y = int(math.floor(xy[0])), int(math.floor(xy[1]))
+    h, w = image.shape[1:]
+    if not (0 <= x < w and 0 <= y < h):
+        return float("nan")
+    return float(image[:, max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].mean(0).max())
+
+
 def test_cache_detects_once_and_keys_by_content(tmp_path):
     img = dotted_image(tmp_path / "a.png")
     first = DotAnalyzer([(BOX, DOTS)])
@@ -120,6 +130,11 @@ def test_crop_maps_landmarks_and_aligns_eyes(tmp_path):
 
 @pytest.mark.parametrize("crop", [True, False])
 def test_landmarks_follow_crop_resize_flip_and_rotation(tmp_path, crop):
+    import random
+
+    # Seeded: the five random rescales and crops are the same every run (unseeded, a dot cut
+    # by the crop edge or a point rotated into the black fill made this test fail now and then).
+    random.seed(0)
     img = dotted_image(tmp_path / "a.png")
     faces = pipeline(DotAnalyzer([(BOX, DOTS)]), crop=crop, train_whole_image_p=0.0)
     pixels = A.Compose([A.HorizontalFlip(p=1.0), A.Rotate(limit=(25, 25), p=1.0)])
@@ -128,9 +143,14 @@ def test_landmarks_follow_crop_resize_flip_and_rotation(tmp_path, crop):
     for _ in range(5):  # random rescale and crop positions
         sample = ds[0]
         assert sample["landmarks"].shape == (3, 2) and sample["meta"]["face_found"]
-        lit = [brightness_at(sample["image"], xy) for xy in sample["landmarks"].numpy()]
-        assert all(v > 0.45 for v in lit if not math.isnan(v)), lit  # every visible landmark sits on its dot
-        assert sum(not math.isnan(v) for v in lit) >= 2
+        points = sample["landmarks"].numpy()
+        lit = [brightness_near(sample["image"], xy) for xy in points]
+        at = [brightness_at(sample["image"], xy) for xy in points]
+        # Every visible landmark sits on its dot. The one exception is exact: a dot the random
+        # crop cut away lies outside the frame, and the rotation can carry that point into a
+        # corner it fills with black (0.0; the background is 0.12, a misplaced landmark reads that).
+        assert all(v > 0.45 or a == 0.0 for v, a in zip(lit, at) if not math.isnan(v)), (lit, at)
+        assert sum(v > 0.45 for v in lit) >= 2
     # a flip alone moves the first dot (left of the third) to the right of it
     flip = ImageDataset([Record(str(img), 0)], canon, augment=SampleAugment(pixels=A.Compose([A.HorizontalFlip(p=1.0)])), train=True, faces=faces)
     sample = flip[0]

@@ -18,7 +18,6 @@ unchanged (``TARGET_ALIASES``).
 from __future__ import annotations
 
 import copy
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from hydra.utils import instantiate
 
 from data.canonical import Canonicalizer
 from data.faces.pipeline import FacePipeline
-from data.io import atomic_write_bytes
+from data.io import atomic_path
 from detectors.backbones import skip_pretrained
 from detectors.base import Detector
 from unmask.core.build import build_detector
@@ -118,9 +117,8 @@ def store_threshold(path: str | Path, threshold: float, how: str) -> None:
     ckpt = read_checkpoint(path)
     ckpt["state_dict"].pop("threshold", None)  # format 1's second copy
     ckpt["unmask"].update(format=FORMAT, threshold=float(threshold), threshold_from=how)
-    buffer = io.BytesIO()
-    torch.save(ckpt, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def relocate_machine_paths(node: dict, beside: Path | None = None) -> dict:

@@ -8,12 +8,13 @@ Range checks run in ``__post_init__`` when a task turns the node into its datacl
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from unmask.core.metrics import THRESHOLD_POLICIES, parse_threshold
 
@@ -102,15 +103,12 @@ def register() -> None:
         store.store(group=group, name=f"{group}_schema", node=node)
 
 
-def options(node: Any, schema: type | None = None):
-    """A config node (composed, or a plain dict from a checkpoint) as its schema's dataclass,
-    range-checked; a dataclass instance passes through. ``schema`` defaults to the node's own."""
-    if schema is not None and isinstance(node, schema):
+def options(node: Any):
+    """A composed group node (``cfg.scoring``, ``cfg.explain``) as its schema's dataclass,
+    range-checked by ``__post_init__``; a dataclass instance passes through."""
+    if dataclasses.is_dataclass(node):
         return node
-    if isinstance(node, DictConfig) and OmegaConf.get_type(node) in SCHEMAS.values() and schema in (None, OmegaConf.get_type(node)):
-        return OmegaConf.to_object(node)
-    if schema is None:
-        raise TypeError("options() needs the schema for an untyped node")
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    merged = OmegaConf.merge(OmegaConf.structured(schema), data)  # type and choice checks, named keys
-    return OmegaConf.to_object(merged)
+    out = OmegaConf.to_object(node)
+    if not dataclasses.is_dataclass(out):
+        raise TypeError(f"this config node has no schema (its YAML must start with `defaults: [<group>_schema, _self_]`): {out}")
+    return out

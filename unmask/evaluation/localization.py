@@ -30,7 +30,6 @@ from data.io import atomic_write_text
 from data.sample import mask_usable
 from unmask.evaluation.base import Evaluator
 from unmask.reports.tables import fmt, markdown_table
-from unmask.scoring.combine import deciding_view
 from unmask.scoring.scorer import ScoredBatch, Scores
 
 log = logging.getLogger(__name__)
@@ -135,14 +134,7 @@ class Localization(Evaluator):
             return
         meta = batch["meta"]
         has_mask = mask_usable(batch)
-        files = torch.as_tensor(meta["file"]).view(-1).numpy()
-        ok = torch.as_tensor(meta["ok"], dtype=torch.bool).view(-1).numpy()
-        chosen = []
-        for f in np.unique(files):  # a file's views are never split across batches
-            members = np.flatnonzero(files == f)
-            view = members[deciding_view(scored.prob.numpy()[members], ok[members])]
-            if has_mask[view]:
-                chosen.append(int(view))
+        chosen = [view for view in scored.deciding_views() if has_mask[view]]
         if not chosen:
             return
         idx = torch.tensor(chosen)

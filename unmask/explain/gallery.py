@@ -37,7 +37,6 @@ from PIL import Image
 from data.io import atomic_write_bytes, atomic_write_text
 from data.records import Record
 from unmask.reports.tables import fmt
-from unmask.scoring.combine import deciding_view
 from unmask.scoring.scorer import ScoredBatch
 
 log = logging.getLogger(__name__)
@@ -148,13 +147,9 @@ class Gallery:
         if scored.kind != "images" or scored.maps is None:
             return
         meta = scored.batch["meta"]
-        files = torch.as_tensor(meta["file"]).view(-1).numpy()
-        ok = torch.as_tensor(meta["ok"], dtype=torch.bool).view(-1).numpy()
-        for f in np.unique(files):
-            members = np.flatnonzero(files == f)
-            view = int(members[deciding_view(scored.prob.numpy()[members], ok[members])])
+        for view in scored.deciding_views():
             path = meta["path"][view]
-            if not ok[view]:
+            if not meta["ok"][view]:
                 self.files[path] = None  # an undecodable file keeps None: no PNGs
                 continue
             heat = scored.maps[view, 0].numpy()

@@ -36,7 +36,7 @@ from data.sample import usable_rows
 from data.video import VideoFrameDataset, split_videos
 from unmask.core.checkpoint import LoadedDetector
 from unmask.core.schemas import ScoringConfig
-from unmask.scoring.combine import VideoOptions, combine_views, video_file_rows
+from unmask.scoring.combine import VideoOptions, combine_views, deciding_view, video_file_rows
 from unmask.scoring.runtimes import OnnxRuntime, RuntimeOutput, TorchRuntime, pick_device
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,19 @@ class ScoredBatch:
     maps: Tensor | None = None  # (V, 1, H, W) forgery maps in [0, 1], when an explainer was given
     kind: str = "images"  # images | frames
     map_source: str | None = None  # what the maps are: mask | heatmap | gradcam (the explainer's ``source``)
+
+    def deciding_views(self) -> list[int]:
+        """Batch positions of each file's deciding view (its highest-scoring decodable one);
+        a file's views are never split across batches."""
+        meta = self.batch["meta"]
+        files = torch.as_tensor(meta["file"]).view(-1).numpy()
+        ok = torch.as_tensor(meta["ok"], dtype=torch.bool).view(-1).numpy()
+        probs = self.prob.numpy()
+        out = []
+        for f in np.unique(files):
+            members = np.flatnonzero(files == f)
+            out.append(int(members[deciding_view(probs[members], ok[members])]))
+        return out
 
 
 class Evaluator(Protocol):

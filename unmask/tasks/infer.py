@@ -43,7 +43,7 @@ def run_inference(cfg: DictConfig) -> Path:
     started = dt.datetime.now()
     # Every setting is checked before the first file is read.
     scoring = options(cfg.scoring)
-    explain = None if is_empty(cfg.get("explain")) else options(cfg.explain, ExplainConfig)
+    explain = None if is_empty(cfg.get("explain")) else options(cfg.explain)
     if cfg.fallback_label not in (0, 1):
         raise ValueError(f"fallback_label must be 0 or 1, got {cfg.fallback_label!r}")
     video = VideoOptions.from_config(cfg.get("video"))
