@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+
 RESIZE_POLICIES = ("short_side", "square", "none")
 
 
@@ -35,9 +37,21 @@ def translate_affine(dx: float, dy: float) -> np.ndarray:
     return np.array([[1.0, 0.0, dx], [0.0, 1.0, dy], [0.0, 0.0, 1.0]])
 
 
+def _check_output(w: int, h: int, new_w: int, new_h: int) -> None:
+    """A resize never makes more pixels than ``decode_image`` accepts in a file. Decoding
+    already refuses extreme aspect ratios; this also covers arrays from elsewhere (hooks,
+    video frames), which a short-side resize would blow up by their aspect ratio."""
+    if new_w * new_h > DEFAULT_MAX_PIXELS:
+        raise ImageDecodeError(
+            f"resizing {w}x{h} to {new_w}x{new_h} would make {new_w * new_h / 1e6:.0f} MP, "
+            f"above the {DEFAULT_MAX_PIXELS / 1e6:.0f} MP limit"
+        )
+
+
 def resize_image_affine(arr: np.ndarray, size: int, policy: str = "short_side") -> tuple[np.ndarray, np.ndarray]:
     """``resize_image`` and the 3x3 map of its geometry (continuous coordinates: the image
-    spans [0, W] x [0, H]), so landmarks and masks can follow the pixels."""
+    spans [0, W] x [0, H]), so landmarks and masks can follow the pixels. Raises
+    ``ImageDecodeError`` when the output would exceed ``DEFAULT_MAX_PIXELS``."""
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
     h, w = arr.shape[:2]
@@ -50,6 +64,7 @@ def resize_image_affine(arr: np.ndarray, size: int, policy: str = "short_side") 
         new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     if (new_w, new_h) == (w, h):
         return arr, np.eye(3)
+    _check_output(w, h, new_w, new_h)
     # Pinned filters: area when shrinking (no aliasing), bilinear when enlarging.
     interp = cv2.INTER_AREA if new_w * new_h < w * h else cv2.INTER_LINEAR
     return cv2.resize(arr, (new_w, new_h), interpolation=interp), scale_affine(new_w / w, new_h / h)
@@ -74,6 +89,7 @@ def _crop(arr: np.ndarray, size: int, random_position: bool) -> tuple[np.ndarray
     affine = np.eye(3)
     if h < size or w < size:  # only after policy "none" on a small image
         new_w, new_h = max(w, size), max(h, size)
+        _check_output(w, h, new_w, new_h)
         arr = cv2.resize(arr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         affine = scale_affine(new_w / w, new_h / h)
         h, w = arr.shape[:2]

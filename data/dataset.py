@@ -115,11 +115,16 @@ class ImageDataset(Dataset):
         cropped, resized, with landmarks and mask mapped along."""
         record = self.records[index]
         face = faces[chosen] if chosen >= 0 else None
-        if face is not None and self.faces.crop:
-            crop, to_crop = self.faces.crop_face(rgb, face)
-        else:
-            crop, to_crop = rgb, np.eye(3)
-        resized, to_resized = self.canonical.resize_stage_affine(crop)
+        try:
+            if face is not None and self.faces.crop:
+                crop, to_crop = self.faces.crop_face(rgb, face)
+            else:
+                crop, to_crop = rgb, np.eye(3)
+            resized, to_resized = self.canonical.resize_stage_affine(crop)
+        except (cv2.error, MemoryError, ImageDecodeError) as e:
+            # One file's failure (a shape too extreme to resize, an allocation that fails),
+            # flagged like an undecodable file: it must not end a scoring or training run.
+            raise ImageDecodeError(f"{record.path}: cannot resize {rgb.shape[1]}x{rgb.shape[0]}: {e}") from e
         affine = to_resized @ to_crop
         ref = face or (faces[0] if faces else None)  # whole image: the top face's landmarks
         landmarks = apply_affine(ref.landmarks, affine) if ref is not None and ref.landmarks.size else None

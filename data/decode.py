@@ -5,8 +5,13 @@ Every detector sees 8-bit RGB whatever the file was (grayscale, CMYK, palette, a
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -16,21 +21,88 @@ log = logging.getLogger(__name__)
 
 # 100 megapixels: well above any face photo, far below a decompression bomb
 # (a 20000x20000 PNG declares 400 MP and would need 1.2 GB of RAM to decode).
+# It is the one pixel limit: Pillow's own guard (89.5 MP) is set to it while decoding.
 DEFAULT_MAX_PIXELS = 100_000_000
+# Long side / short side. Resizing the short side to the model's input multiplies the pixels
+# by the aspect ratio: a 1,000,000x1 PNG (2 KB) would need 49 GB at 128 px. 100:1 is far beyond
+# any photo or panorama and keeps that resize under 100 x a square image (5 MB at 128 px).
+DEFAULT_MAX_ASPECT = 100
 
 
 class ImageDecodeError(ValueError):
     """The file is not an image we can turn into RGB pixels; the message says why."""
 
 
+def file_kind(mode: int) -> str:
+    """What a ``stat`` mode is, in words (for messages about entries that are not files)."""
+    for test, word in (
+        (stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return word
+    return "special file"
+
+
 def require_nonempty(path: Path, error: type[ImageDecodeError] = ImageDecodeError) -> None:
-    """Raise ``error`` for a missing, unreadable or 0-byte file, before any decoder sees it."""
+    """Raise ``error`` for a missing, unreadable, 0-byte or non-regular file (a broken symlink,
+    a directory, a FIFO, a device), from ``stat`` alone, before any decoder opens it: opening
+    a FIFO blocks until something writes to it."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as e:
+        if path.is_symlink():
+            reason = "symlink loop" if e.errno == errno.ELOOP else "dangling symlink"
+            raise error(f"{path}: {reason} (-> {os.readlink(path)})") from e
         raise error(f"cannot read {path}: {e}") from e
-    if size == 0:
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: not a regular file ({file_kind(st.st_mode)})")
+    if st.st_size == 0:
         raise error(f"{path}: empty file (0 bytes)")
+
+
+@contextmanager
+def _pillow_pixel_limit(limit: int | None) -> Iterator[None]:
+    """Pillow's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``: a warning above it,
+    an error above twice it) set to ``limit`` for the block, then put back, so that a decode
+    meets one limit, ``max_pixels``, and nothing leaks to other users of PIL. Per process,
+    like ``warnings.catch_warnings``: decoding runs one file at a time per process."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_size(path: Path, w: int, h: int, max_pixels: int, max_aspect: float) -> None:
+    """Refuse from the header what would cost too much memory to decode or to resize."""
+    if w * h > max_pixels:
+        # in MP, except for small limits (thumbnails, tests), which would read "0 MP"
+        mp = max_pixels >= 1_000_000
+        size = f"{w * h / 1e6:.0f} MP" if mp else f"{w * h} pixels"
+        limit = f"{max_pixels / 1e6:.0f} MP" if mp else f"{max_pixels} pixel"
+        raise ImageDecodeError(f"{path}: declares {w}x{h} = {size}, above the {limit} limit (decompression-bomb guard)")
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"{path}: zero-sized image {w}x{h}")
+    ratio = max(w, h) / min(w, h)
+    if ratio > max_aspect:
+        raise ImageDecodeError(
+            f"{path}: declares {w}x{h}, aspect ratio {ratio:,.0f}:1, above the {max_aspect:g}:1 limit "
+            "(resizing its short side to the model's input would take that many times a square image's memory)"
+        )
+
+
+def _require_finite(img: Image.Image, path: Path) -> None:
+    """A float image with NaN or inf pixels has no defined brightness (rescaling it would turn
+    it all black and call it fine): undecodable."""
+    arr = np.asarray(img)
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    n_nan = int(np.isnan(arr).sum())
+    counts = [f"{n} {word}" for n, word in ((n_nan, "NaN"), (int((~finite).sum()) - n_nan, "inf")) if n]
+    raise ImageDecodeError(f"{path}: float image with {' and '.join(counts)} pixel(s) of {arr.size}")
 
 
 def _to_rgb(img: Image.Image, background: int = 255) -> Image.Image:
@@ -64,6 +136,7 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allow_truncated: bool = True,
     draft_size: int | None = None,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
 ) -> np.ndarray:
     """Decode ``path`` to an ``HxWx3`` uint8 RGB array with EXIF orientation applied.
 
@@ -71,26 +144,28 @@ def decode_image(
     when the image is at least twice that size on its short side (a large speed-up for
     big photos that will be resized anyway). A truncated file is decoded as far as it
     goes (with a warning) when ``allow_truncated``: a partial face is a better answer
-    than none. Raises ``ImageDecodeError`` for anything that is not a usable image.
+    than none. Raises ``ImageDecodeError`` for anything that is not a usable image: among
+    them, from the header and before any pixel is allocated, more than ``max_pixels`` (the
+    only pixel limit: Pillow's own is set to it) or a long side more than ``max_aspect``
+    times the short one; and float images with NaN or inf pixels.
     """
     path = Path(path)
     require_nonempty(path)
     try:
-        with warnings.catch_warnings():
+        # Pillow's check at open is the size check below; ours names the size and the limit.
+        with warnings.catch_warnings(), _pillow_pixel_limit(None):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
-                if w * h > max_pixels:
-                    raise ImageDecodeError(
-                        f"{path}: declares {w}x{h} = {w * h / 1e6:.0f} MP, above the "
-                        f"{max_pixels / 1e6:.0f} MP limit (decompression-bomb guard)"
-                    )
-                if w < 1 or h < 1:
-                    raise ImageDecodeError(f"{path}: zero-sized image {w}x{h}")
+                _check_size(path, w, h, max_pixels, max_aspect)
                 if draft_size and img.format == "JPEG" and min(w, h) >= 2 * draft_size:
                     img.draft("RGB", (draft_size, draft_size))
-                img = _load_pixels(img, path, allow_truncated)
+                # Frames and tiles met while loading (GIF, TIFF) answer to the same limit.
+                with _pillow_pixel_limit(max_pixels):
+                    img = _load_pixels(img, path, allow_truncated)
                 img = ImageOps.exif_transpose(img)
+                if img.mode == "F":
+                    _require_finite(img, path)
                 img = _to_rgb(img)
                 arr = np.asarray(img, dtype=np.uint8)
     except ImageDecodeError:

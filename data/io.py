@@ -6,8 +6,10 @@ and renames it over the target only when the write finished.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,20 @@ from typing import Any
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
+NAME_MAX = 255  # bytes in one file name on the usual Linux, macOS and Windows file systems
+
+
+def _temp_affixes(path: Path) -> tuple[str, str]:
+    """mkstemp's prefix and suffix for ``path``: ``.<name>.`` and ``.tmp<suffix>``, the name cut
+    so that the temporary name (8 random characters more) fits ``NAME_MAX`` whenever the
+    target's own name does."""
+    suffix = f".tmp{path.suffix}" if len(os.fsencode(path.suffix)) <= 16 else ".tmp"
+    room = NAME_MAX - 8 - 2 - len(os.fsencode(suffix))
+    stem = path.name
+    while len(os.fsencode(stem)) > room:
+        stem = stem[:-1]
+    return f".{stem}.", suffix
+
 
 @contextmanager
 def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
@@ -29,7 +45,8 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     ``path``, otherwise it is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    prefix, suffix = _temp_affixes(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -41,6 +58,43 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def writable_dir(path: str | Path, need_bytes: int = 0) -> Path:
+    """Create folder ``path`` if missing and prove a result can be written there, so that a
+    run fails before its work, not after it: ``NotADirectoryError`` when it (or a parent) is a
+    file, ``PermissionError`` when nothing can be created in it, ``OSError`` (ENOSPC) when it
+    has less than ``need_bytes`` free. A disk that fills later still fails at the (atomic) write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {path} is not a folder (a file has that name)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"output folder {path} is not a folder: {e.strerror} ({e.filename})") from e
+    except OSError as e:
+        raise PermissionError(f"output folder {path} cannot be created: {e.strerror}") from e
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PermissionError(f"output folder {path} is not writable: {e.strerror}") from e
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise OSError(errno.ENOSPC, f"output folder {path} has {free} bytes free, a run needs about {need_bytes}")
+    return path
+
+
+def reserve_file(path: str | Path) -> bool:
+    """Create ``path`` empty if no file has that name yet (O_CREAT | O_EXCL: of two processes
+    asking at once exactly one gets it); False when the name is taken. An atomic writer then
+    replaces the empty file."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

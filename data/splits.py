@@ -18,9 +18,21 @@ def assign_splits(
     respect_existing: bool = True,
 ) -> list[Record]:
     """Fill ``Record.split``. Groups are shuffled per label with ``seed`` and cut by
-    cumulative image count, so every split gets both classes in the right proportion."""
+    cumulative image count, so every split gets both classes in the right proportion.
+
+    With ``respect_existing``, records that all carry a split keep them; a split other than
+    train, val or test is a ``ValueError`` (a typo must not silently re-split the set). When
+    only some records carry one, all are reassigned (``ManifestSource`` refuses such a
+    manifest, naming the rows, before it gets here)."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"data.split.fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    if respect_existing:
+        unknown = [r for r in records if r.split is not None and r.split not in SPLITS]
+        if unknown:
+            raise ValueError(
+                f"unknown split {unknown[0].split!r} in {len(unknown)} record(s), first {unknown[0].path}; "
+                f"a split is one of {', '.join(SPLITS)}"
+            )
     if respect_existing and records and all(r.split in SPLITS for r in records):
         return records
     groups: dict[str, list[Record]] = defaultdict(list)

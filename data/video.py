@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.canonical import Canonicalizer
-from data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, require_nonempty
+from data.decode import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS, ImageDecodeError, require_nonempty
 from data.records import Record
 from data.sample import make_sample
 
@@ -154,6 +155,9 @@ def _info(container, path: Path, max_pixels: int) -> VideoInfo:
     width, height = int(ctx.width or 0), int(ctx.height or 0)
     if width * height > max_pixels:
         raise VideoDecodeError(f"{path}: {width}x{height} frames exceed the {max_pixels / 1e6:.0f} MP limit")
+    if min(width, height) > 0 and max(width, height) / min(width, height) > DEFAULT_MAX_ASPECT:
+        # The images' bound: resizing such a frame's short side would allocate without limit.
+        raise VideoDecodeError(f"{path}: {width}x{height} frames, above the {DEFAULT_MAX_ASPECT}:1 aspect-ratio limit")
     fps = _rate(stream)
     return VideoInfo(_duration(container, stream, fps), fps, width, height, int(stream.frames) or None)
 
@@ -263,7 +267,10 @@ class VideoFrameDataset(IterableDataset):
             size = self.canonical.size
             pixels = np.zeros((size, size, 3), np.uint8)
         else:  # the same evaluation preprocessing as an image file
-            pixels = self.canonical.resize_stage(pixels)
+            try:
+                pixels = self.canonical.resize_stage(pixels)
+            except (cv2.error, MemoryError, ImageDecodeError) as e:  # one frame must not end the run
+                return self._sample(record, None, f"{record.path}: cannot resize a {pixels.shape[1]}x{pixels.shape[0]} frame: {e}", **meta)
             pixels = self.canonical.encode(self.canonical.finish(pixels, train=False), train=False)
         return make_sample(pixels, record, error=error, video_id=record_video_id(record, self.id_column) or record.path, **meta)
 

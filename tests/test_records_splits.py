@@ -34,7 +34,7 @@ def test_manifest_reads_all_columns(tmp_path):
         "relpath,label,split,generator,source,group,quality\n"
         "img/a.png,real,train,,ffhq,vid1,high\n"
         "img/b.jpg,fake,val,stylegan2,ffhq,vid2,low\n"
-        "img/c.jpg,1,,,,,\n",
+        "img/c.jpg,1,test,,,,\n",
     )
     recs = ManifestSource(str(m)).records()
     assert [Path(r.path) for r in recs] == [tmp_path / "img/a.png", tmp_path / "img/b.jpg", tmp_path / "img/c.jpg"]
@@ -42,8 +42,9 @@ def test_manifest_reads_all_columns(tmp_path):
     assert (a.label, a.split, a.generator, a.source, a.group) == (0, "train", "real", "ffhq", "vid1")
     assert (b.label, b.split, b.generator, b.source, b.group) == (1, "val", "stylegan2", "ffhq", "vid2")
     assert a.extra == {"quality": "high"}
-    # empty optional fields: no split, unknown source/generator, its own group
-    assert (c.label, c.split, c.generator, c.source, c.group) == (1, None, "unknown", "unknown", c.path)
+    # empty optional fields: unknown source/generator, its own group (a split is all or none:
+    # tests/test_hostile_data.py)
+    assert (c.label, c.split, c.generator, c.source, c.group) == (1, "test", "unknown", "unknown", c.path)
 
 
 @pytest.mark.parametrize("word", ["real", "Real", "0", "0_real", " REAL "])

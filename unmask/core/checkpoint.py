@@ -14,11 +14,17 @@ A checkpoint is Lightning's dict plus one ``unmask`` section::
 Format 1 (before the package was split by concern) kept the threshold as a state-dict buffer
 too, nested OSN inside ``detector`` and named classes at their old module paths; it loads
 unchanged (``TARGET_ALIASES``).
+
+A checkpoint is data, never code: it is read with ``torch.load(weights_only=True)`` (tensors,
+numbers, strings, containers; no pickled objects), only from a local file, and its stored
+config may only build the classes ``unmask.core.trusted_targets`` allows.
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +36,8 @@ from data.faces.pipeline import FacePipeline
 from data.io import atomic_path
 from detectors.backbones import skip_pretrained
 from detectors.base import Detector
-from unmask.core.build import build_detector
+from unmask.core.build import WRAPPERS, build_detector
+from unmask.core.trusted_targets import check_targets
 
 FORMAT = 2
 
@@ -75,22 +82,59 @@ class LoadedDetector:
     threshold_from: str = ""
 
 
+class CheckpointError(ValueError):
+    """A file that is not a readable unmask checkpoint; the message names it and says why."""
+
+
+EXPECTED = "a .ckpt written by train.py (checkpoints/best.ckpt or last.ckpt)"
+
+
 def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict at ``path``, loaded as data (``weights_only``): a file that needs
+    unpickling code, a remote URL, or anything that is not an unmask checkpoint is refused."""
+    if "://" in str(path):
+        raise CheckpointError(f"{path}: checkpoints are read from local files only (download it first, and only if you trust it)")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass ckpt=outputs/train/<run>/checkpoints/best.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or "unmask" not in ckpt:
-        raise ValueError(f"{path} is not an unmask checkpoint (no run config inside)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes); expected {EXPECTED}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's text suggests weights_only=False; only the unpickler's own reason is useful here.
+        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:300]
+        if "Unsupported global" not in reason:
+            raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); expected {EXPECTED}") from None
+        # A pickled object (a class, a function): from other software, or crafted to run code.
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects other than tensors and plain values, which loading would have "
+            f"to run as code ({reason}); expected {EXPECTED}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ValueError... for a bad file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected {EXPECTED}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("unmask"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not an unmask checkpoint (no run config and state dict inside); expected {EXPECTED}")
+    if not isinstance(ckpt["unmask"].get("run_config"), dict):
+        raise CheckpointError(f"{path}: its unmask section has no run_config; expected {EXPECTED}")
     return ckpt
 
 
-def stored_threshold(ckpt: dict) -> float:
-    """The decision threshold of a checkpoint of any format."""
+def stored_threshold(ckpt: dict, path: str | Path = "checkpoint") -> float:
+    """The decision threshold of a checkpoint of any format; a threshold that is not a number
+    in [0, 1] is refused (a NaN would label every file real)."""
     section = ckpt["unmask"]
     if section.get("format", 1) >= 2 or "threshold" not in ckpt.get("state_dict", {}):
-        return float(section.get("threshold", 0.5))
-    return float(ckpt["state_dict"]["threshold"])  # format 1: the buffer was the primary copy
+        value = section.get("threshold", 0.5)
+    else:
+        value = ckpt["state_dict"]["threshold"]  # format 1: the buffer was the primary copy
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        threshold = math.nan
+    if not (0.0 <= threshold <= 1.0):  # NaN fails every comparison
+        raise CheckpointError(f"{path}: stored threshold {value!r} is not a probability in [0, 1]; re-calibrate or pass scoring.threshold=")
+    return threshold
 
 
 def load_detector(path: str | Path) -> LoadedDetector:
@@ -99,17 +143,23 @@ def load_detector(path: str | Path) -> LoadedDetector:
     path = Path(path)
     ckpt = read_checkpoint(path)
     config = alias_targets(ckpt["unmask"]["run_config"])
+    threshold = stored_threshold(ckpt, path)
+    for group in ("detector", *WRAPPERS, "canonical", "faces"):  # the parts loading builds
+        check_targets(config.get(group), str(path), group)
+    if not isinstance(config.get("detector"), dict) or not isinstance(config.get("canonical"), dict):
+        raise CheckpointError(f"{path}: its run_config has no detector or canonical section; expected {EXPECTED}")
     with skip_pretrained():  # the state dict below carries the trained weights
         detector = build_detector(config)
     state = ckpt["state_dict"]
-    detector.load_state_dict({k[len("detector.") :]: v for k, v in state.items() if k.startswith("detector.")})
+    try:
+        detector.load_state_dict({k[len("detector.") :]: v for k, v in state.items() if k.startswith("detector.")})
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"{path}: its weights do not fit the detector its config describes: {str(e)[:600]}") from None
     detector.eval()
     canonical = instantiate(config["canonical"])
     faces = config.get("faces") or None
     faces = instantiate(relocate_machine_paths(faces, beside=path.parent)) if faces else None
-    return LoadedDetector(
-        detector, stored_threshold(ckpt), canonical, config, str(path), faces, ckpt["unmask"].get("threshold_from", "")
-    )
+    return LoadedDetector(detector, threshold, canonical, config, str(path), faces, str(ckpt["unmask"].get("threshold_from", "")))
 
 
 def store_threshold(path: str | Path, threshold: float, how: str) -> None:

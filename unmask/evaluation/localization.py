@@ -29,6 +29,7 @@ from sklearn.metrics import roc_auc_score
 from data.io import atomic_write_text
 from data.sample import mask_usable
 from unmask.evaluation.base import Evaluator
+from unmask.reports.safe import frame_csv
 from unmask.reports.tables import fmt, markdown_table
 from unmask.scoring.scorer import ScoredBatch, Scores
 
@@ -165,4 +166,4 @@ class Localization(Evaluator):
         return render_localization_markdown(result)
 
     def write(self, result: dict, scores: Scores, out_dir: Path) -> None:
-        atomic_write_text(Path(out_dir) / "localization.csv", self.per_image.to_csv(index=False))
+        atomic_write_text(Path(out_dir) / "localization.csv", frame_csv(self.per_image))

@@ -13,6 +13,7 @@ from data.sample import usable_rows
 from data.video import is_video, record_video_id
 from unmask.core.metrics import grouped_metrics
 from unmask.evaluation.base import Evaluator
+from unmask.reports.safe import frame_csv
 from unmask.reports.tables import grouped_tables
 from unmask.scoring.combine import ScoreAggregator, aggregate_videos
 from unmask.scoring.scorer import Scores
@@ -64,4 +65,4 @@ class VideoLevel(Evaluator):
         )
 
     def write(self, result: dict, scores: Scores, out_dir: Path) -> None:
-        atomic_write_text(Path(out_dir) / "videos.csv", self.videos.to_csv(index=False))
+        atomic_write_text(Path(out_dir) / "videos.csv", frame_csv(self.videos))

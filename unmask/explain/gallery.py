@@ -10,7 +10,10 @@ mirrored) ``write_explanations`` writes into ``out_dir`` (infer.py: ``result_*.e
 
 and ``index.html``: one card per file (overlay thumbnail, name, score, decision), highest
 score first, self-contained (inline CSS, relative links). An undecodable file gets a card
-saying "could not decode" and no PNGs. Every file is written atomically.
+saying "could not decode" and no PNGs. Every file is written atomically. A name part over
+``MAX_PART_BYTES`` is shortened in the file names (readable prefix + ``~`` + hash + suffix) so
+that ``<name>.overlay.png`` fits the 255-byte limit; its card shows the full name and links
+the shortened files.
 
 Maps come from a pass of the scorer with an explainer (``explain.gradcam.ForgeryMaps``): the
 same views, preprocessing and face stage as the scores. Each file is shown by the view that
@@ -19,6 +22,7 @@ suspicious face.
 """
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import logging
@@ -42,12 +46,32 @@ from unmask.scoring.scorer import ScoredBatch
 log = logging.getLogger(__name__)
 
 OVERLAY_ALPHA = 0.5  # share of the colour map in the overlay
+# A name part longer than this (bytes) is shortened: with ".overlay.png" added, and the
+# atomic writer's temporary name, it must stay under the 255-byte file-name limit.
+MAX_PART_BYTES = 200
+HASH_CHARS = 12
+
+
+def _short_part(part: str) -> str:
+    """``part`` itself, or when over ``MAX_PART_BYTES``: its first characters + ``~`` + a hash
+    of the whole part + its suffix (``.png``), unique and still readable."""
+    raw = os.fsencode(part)
+    if len(raw) <= MAX_PART_BYTES:
+        return part
+    suffix = PurePosixPath(part).suffix
+    suffix = suffix if len(os.fsencode(suffix)) <= 16 else ""
+    tail = f"~{hashlib.sha1(raw).hexdigest()[:HASH_CHARS]}{suffix}"
+    prefix = part[: len(part) - len(suffix)] if suffix else part
+    while len(os.fsencode(prefix + tail)) > MAX_PART_BYTES:
+        prefix = prefix[:-1]
+    return prefix + tail
 
 
 def safe_relpath(name: str) -> PurePosixPath:
     """``name`` (a '/'-separated path relative to the input) as a path that stays inside the
-    output folder: empty and '.' parts dropped, '..' parts renamed '__'."""
-    parts = ["__" if p == ".." else p for p in str(name).split("/") if p not in ("", ".")]
+    output folder: empty and '.' parts dropped, '..' parts renamed '__', parts over
+    ``MAX_PART_BYTES`` shortened (``_short_part``)."""
+    parts = [_short_part("__" if p == ".." else p) for p in str(name).split("/") if p not in ("", ".")]
     if not parts:
         raise ValueError(f"cannot make an output file name from {name!r}")
     return PurePosixPath(*parts)

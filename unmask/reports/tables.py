@@ -1,11 +1,17 @@
 """The one table renderer and number formatter of every markdown a run writes (report.md,
-robustness, leave-one-generator-out, localisation, attribution, benchmarks)."""
+robustness, leave-one-generator-out, localisation, attribution, benchmarks).
+
+Text cells that a spreadsheet would read as a formula (a source, generator or file named
+``=...``, ``+...``, ``-...``, ``@...``) get a leading ``'`` (``reports.safe``): tables are
+pasted into spreadsheets. Numbers, and pre-formatted numbers such as ``"-0.25"``, do not."""
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+
+from unmask.reports.safe import safe_cell
 
 REPORT_COLUMNS = ("n", "acc", "balanced_acc", "real_acc", "fake_acc", "auc", "ap", "eer", "recall_at_90_real_pass")
 
@@ -22,11 +28,12 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def _cell(value) -> str:
-    return fmt(value).replace("|", "\\|").replace("\n", " ")
+    return fmt(safe_cell(value)).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
-    """A GitHub markdown table; cells go through ``fmt`` (pre-formatted strings pass as they are)."""
+    """A GitHub markdown table; cells go through ``fmt`` (pre-formatted strings pass as they
+    are, but formula-looking text is neutralised: ``reports.safe.safe_cell``)."""
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -35,6 +35,7 @@ from unmask.core.checkpoint import load_detector
 from unmask.core.config import PROJECT_ROOT
 from unmask.core.metrics import binary_metrics
 from unmask.core.schemas import ScoringConfig, options
+from unmask.reports.safe import frame_csv
 from unmask.reports.tables import fmt, markdown_table
 from unmask.robustness.grid import generalization_rate
 from unmask.scoring.scorer import Scorer
@@ -139,7 +140,7 @@ def run_logo(out: str | Path, generators: Sequence[str], overrides: Sequence[str
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     table = logo_table(base, ckpts, datamodule.records["test"], options(cfg.scoring))
-    atomic_write_text(out / "logo.csv", table.to_csv(index=False))
+    atomic_write_text(out / "logo.csv", frame_csv(table))
     atomic_write_json(out / "logo.json", {"overrides": list(overrides), "train_seconds": seconds, "rows": table.to_dict(orient="records")})
     atomic_write_text(out / "logo.md", render_logo_markdown(table))
     print(render_logo_markdown(table))

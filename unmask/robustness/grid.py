@@ -31,6 +31,7 @@ from data.records import Record
 from data.video import split_videos
 from unmask.core.metrics import binary_metrics
 from unmask.reports.plots import plot_robustness_curves
+from unmask.reports.safe import frame_csv
 from unmask.reports.tables import fmt, markdown_table
 from unmask.robustness.attacks import AttackedDetector
 from unmask.robustness.perturbations import PixelPerturbation
@@ -195,9 +196,9 @@ def write_robustness(
     """robustness.csv / robustness.json / robustness.png (and robustness_scores.csv, every
     file's score in every cell); returns the markdown section."""
     out = Path(out_dir)
-    atomic_write_text(out / "robustness.csv", table.to_csv(index=False))
+    atomic_write_text(out / "robustness.csv", frame_csv(table))
     if files is not None:
-        atomic_write_text(out / "robustness_scores.csv", files.to_csv(index=False, float_format="%.6f"))
+        atomic_write_text(out / "robustness_scores.csv", frame_csv(files, float_format="%.6f"))
     atomic_write_json(out / "robustness.json", {"stage": stage, "n_images": n_images, "cells": table.to_dict(orient="records")})
     plot_robustness_curves({name: table}, out / "robustness.png")
     return render_robustness_markdown(table, stage, n_images)

@@ -4,7 +4,9 @@ through the scorer, feed the evaluators, write the report.
 Writes ``metrics.json``, ``report.md``, ``predictions.csv`` (one row per file) and
 ``roc.png``; with video ``videos.csv`` and ``frames.csv``; with an attribution head
 ``confusion.png``; when the split has ground-truth masks ``localization.csv``; with a
-perturbation grid ``robustness.csv/json/png``.
+perturbation grid ``robustness.csv/json/png``. The output folder is created and checked
+(a folder, writable, some free space) before the checkpoint is loaded; text cells that a
+spreadsheet would read as a formula start with ``'`` in the CSVs and tables (``reports.safe``).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from data.io import atomic_write_json, atomic_write_text
+from data.io import atomic_write_json, atomic_write_text, writable_dir
 from data.records import Record
 from unmask.core.checkpoint import LoadedDetector, load_detector
 from unmask.core.config import is_empty
@@ -26,6 +28,7 @@ from unmask.evaluation.detection import Detection
 from unmask.evaluation.localization import Localization
 from unmask.evaluation.video import VideoLevel
 from unmask.explain.gradcam import ForgeryMaps
+from unmask.reports.safe import frame_csv
 from unmask.reports.throughput import RunClock, format_throughput, throughput_report
 from unmask.scoring.combine import VideoOptions
 from unmask.scoring.scorer import Scorer
@@ -70,6 +73,7 @@ def evaluate_records(
     QPS_image / QPS_video cover the clean pass, from loading the checkpoint to its results."""
     clock = RunClock()
     scoring, video = scoring or ScoringConfig(), video or VideoOptions()
+    out = writable_dir(out_dir, (1 << 20) + 1024 * len(records))  # fail before the work, not after it
     loaded = load_detector(ckpt)
     scorer = Scorer(loaded, scoring, video)
     evaluators = evaluators_for(loaded, records, video)
@@ -78,7 +82,6 @@ def evaluate_records(
     scores = scorer.score(records, evaluators=evaluators, explainer=explainer)
     threshold, how = threshold_in_force(loaded, scoring.threshold, scores.files["prob"].to_numpy() if len(scores.files) else [])
 
-    out = Path(out_dir)
     report = {"split": split, "checkpoint": str(ckpt), "seconds": scores.seconds}
     markdown = [f"# Evaluation on split '{split}'", "", f"Checkpoint `{ckpt}`.", ""]
     for evaluator in [Detection(how), *evaluators]:
@@ -100,9 +103,9 @@ def evaluate_records(
     video_level = next(e for e in evaluators if isinstance(e, VideoLevel))
     if video_level.video_ids:  # which video each row belongs to
         predictions = predictions.assign(video_id=[video_level.video_of(p) for p in predictions["path"]])
-    atomic_write_text(out / "predictions.csv", predictions.to_csv(index=False))
+    atomic_write_text(out / "predictions.csv", frame_csv(predictions))
     if len(scores.frames):
-        atomic_write_text(out / "frames.csv", scores.frames.to_csv(index=False))
+        atomic_write_text(out / "frames.csv", frame_csv(scores.frames))
     if perturb is not None:
         from unmask.robustness.grid import evaluate_grid, write_robustness
 

@@ -20,7 +20,16 @@ from unmask.core.checkpoint import load_detector
 from unmask.core.config import is_empty
 from unmask.core.metrics import decide
 from unmask.core.schemas import ExplainConfig, options
-from unmask.reports.contest import contest_filename, sidecar, write_contest_csv, write_frames, write_scores, write_undecodable
+from unmask.reports.contest import (
+    release_result,
+    reserve_result,
+    sidecar,
+    write_contest_csv,
+    write_frames,
+    write_scores,
+    write_undecodable,
+)
+from unmask.reports.safe import one_line
 from unmask.reports.tables import fmt
 from unmask.reports.throughput import RunClock, format_throughput, throughput_report
 from unmask.scoring.combine import VideoOptions
@@ -38,7 +47,20 @@ def input_records(path: Path) -> tuple[list[Record], Path]:
     return UnlabelledFolderSource(str(path)).records(), path
 
 
+def needed_bytes(n_files: int) -> int:
+    """A floor on the free space a run needs for its result and sidecars (the gallery not
+    counted): a disk with less is refused before any work."""
+    return (1 << 20) + 1024 * n_files
+
+
 def run_inference(cfg: DictConfig) -> Path:
+    """Score ``cfg.input`` and write the contest file; returns its path.
+
+    Before the first file is read: every setting, the input (a CSV list is checked row by
+    row) and the destination (folder created, writable, enough free space; the result's name
+    claimed by ``reports.contest.reserve_result``, ``result_MMDDHHMM_2.xls``... when this
+    minute already has a result). A run that fails before its contest file is written
+    leaves no result behind; once written, a later failure (the gallery) keeps it."""
     clock = RunClock()
     started = dt.datetime.now()
     # Every setting is checked before the first file is read.
@@ -47,22 +69,30 @@ def run_inference(cfg: DictConfig) -> Path:
     if cfg.fallback_label not in (0, 1):
         raise ValueError(f"fallback_label must be 0 or 1, got {cfg.fallback_label!r}")
     video = VideoOptions.from_config(cfg.get("video"))
-    loaded = load_detector(cfg.ckpt)
     records, names_root = input_records(Path(cfg.input))
-    out_path = Path(cfg.output_dir) / contest_filename(started)
-    if not records:
-        log.warning("input folder %s holds no files: writing an empty result", cfg.input)
-        return write_contest_csv(out_path, [], [])
+    out_path = reserve_result(cfg.output_dir, started, needed_bytes(len(records)))
+    written = False
+    try:
+        loaded = load_detector(cfg.ckpt)
+        if not records:
+            log.warning("input folder %s holds no files: writing an empty result", cfg.input)
+            write_contest_csv(out_path, [], [])
+            written = True
+            return out_path
 
-    scorer = Scorer(loaded, scoring, video)
-    scores = scorer.score(records)
-    files = scores.files
-    files["name"] = [Path(p).relative_to(names_root).as_posix() for p in files["path"]]
-    labels, threshold = decide(files["prob"].to_numpy(), scoring.threshold, loaded.threshold)
-    failed = labels < 0
-    labels[failed] = int(cfg.fallback_label)
-    files["decision"] = labels
-    write_contest_csv(out_path, files["name"].tolist(), labels.tolist())
+        scorer = Scorer(loaded, scoring, video)
+        scores = scorer.score(records)
+        files = scores.files
+        files["name"] = [Path(p).relative_to(names_root).as_posix() for p in files["path"]]
+        labels, threshold = decide(files["prob"].to_numpy(), scoring.threshold, loaded.threshold)
+        failed = labels < 0
+        labels[failed] = int(cfg.fallback_label)
+        files["decision"] = labels
+        write_contest_csv(out_path, files["name"].tolist(), labels.tolist())
+        written = True
+    finally:
+        if not written:  # no empty file may pass for this run's result
+            release_result(out_path)
     throughput = throughput_report(clock.seconds(), scores.n_images, scores.n_videos, scores.video_seconds, scores.n_video_frames)
 
     undecodable = write_undecodable(out_path, files)
@@ -70,7 +100,7 @@ def run_inference(cfg: DictConfig) -> Path:
         bad = files[failed]
         log.warning(
             "%d file(s) could not be decoded and got fallback label %d: %s (listed in %s)",
-            len(bad), cfg.fallback_label, ", ".join(bad["name"].head(10)), undecodable,
+            len(bad), cfg.fallback_label, ", ".join(map(one_line, bad["name"].head(10))), undecodable,
         )
     if cfg.scores:
         log.info("scores written to %s", write_scores(out_path, files))

@@ -33,6 +33,16 @@ def build_module(cfg: DictConfig) -> DetectionModule:
     )
 
 
+def resume_path(value) -> str | None:
+    if value is None or str(value) == "":
+        return None
+    if "://" in str(value):
+        raise ValueError(f"ckpt_path={value}: resume from a local file only (a checkpoint is read as data from this machine)")
+    if not Path(value).is_file():
+        raise FileNotFoundError(f"ckpt_path={value}: no such checkpoint file (resume from DIR/checkpoints/last.ckpt)")
+    return str(value)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Returns the run's metrics: the last validation epoch's, ``threshold`` (the selected
     checkpoint's, chosen on validation by the scorer) and ``test/*`` when ``test`` is on."""
@@ -50,9 +60,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: a learning-rate monitor has nowhere to write (Lightning refuses it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # A resumed checkpoint is data, like every other: local files only, no unpickled objects.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg.get("ckpt_path")), weights_only=True)
 
-    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    # The selecting checkpoint is the one with a monitor (last.ckpt's callback has none).
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
     best = checkpoint.best_model_path if checkpoint else ""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if not best or trainer.fast_dev_run or not trainer.is_global_zero:
@@ -63,6 +75,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if threshold is not None:
         metrics["threshold"] = threshold
     if cfg.get("test"):
+        if not datamodule.records["test"]:
+            log.warning("the test split is empty: no test metrics (the selected checkpoint and its threshold are kept)")
+            print("test split empty: nothing to test")
+            return metrics
         report = evaluate_records(best, datamodule.records["test"], Path(cfg.paths.output_dir) / "test", scoring, video, split="test")
         metrics.update({f"test/{k}": v for k, v in report["overall"].items() if isinstance(v, float)})
     return metrics
