@@ -16,6 +16,7 @@ from data.decode import file_kind
 log = logging.getLogger(__name__)
 
 UNLABELLED = -1
+SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".jfif"}
 _LABEL_WORDS = {"real": 0, "0": 0, "0_real": 0, "fake": 1, "1": 1, "1_fake": 1}
 
@@ -63,7 +64,6 @@ class ManifestSource:
         self.mask_root = Path(mask_root) if mask_root else None
 
     def records(self) -> list[Record]:
-        from data.splits import SPLITS  # imported here: data.splits imports this module
 
         if not self.manifest.is_file():
             raise FileNotFoundError(
@@ -269,9 +269,10 @@ class ListedFilesSource:
     along. Every listed row becomes a record, missing files too: inference gives each
     listed file its row (a missing one gets the fallback label, like an undecodable one).
 
-    The list is checked before any file is read, since the result names each file by its
-    relpath: an empty, absolute or '..' relpath (a name outside ``root``) and a file listed
-    twice (also as ``./a.png`` beside ``a.png``) are a ``ValueError`` naming their lines."""
+    The list is checked before any file is read, since the result has one row per file: an
+    empty relpath and a file listed twice (also as ``./a.png`` beside ``a.png``, or by its
+    absolute path) are a ``ValueError`` naming their lines. Absolute paths and paths with
+    ``..`` are allowed (the result names such a file by its path relative to ``root``)."""
 
     MAX_REPORTED = 10  # problems named in one error
 
@@ -307,16 +308,12 @@ class ListedFilesSource:
             rel = row.get("relpath") or ""
             if not rel.strip():
                 problems.append(f"line {line}: empty relpath")
-            elif Path(rel).is_absolute():
-                problems.append(f"line {line}: relpath {rel!r} is absolute; list paths relative to {self.root}")
-            elif ".." in Path(rel).parts:
-                problems.append(f"line {line}: relpath {rel!r} has a '..' part; list paths inside {self.root}")
+                continue
+            key = os.path.normpath(self.root / rel)  # 'a//b', './a' and /abs/root/a name the file 'a/b', 'a' names
+            if key in first_line:
+                problems.append(f"line {line}: duplicate relpath {rel!r}, the file of line {first_line[key]}")
             else:
-                key = Path(rel).as_posix()  # 'a//b' and './a' name the same file as 'a/b' and 'a'
-                if key in first_line:
-                    problems.append(f"line {line}: duplicate relpath {rel!r}, the file of line {first_line[key]}")
-                else:
-                    first_line[key] = line
+                first_line[key] = line
         if problems:
             more = f" (and {len(problems) - self.MAX_REPORTED} more)" if len(problems) > self.MAX_REPORTED else ""
             raise ValueError(f"{self.manifest}: " + "; ".join(problems[: self.MAX_REPORTED]) + more)

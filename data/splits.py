@@ -6,9 +6,9 @@ import random
 from collections import defaultdict
 from collections.abc import Sequence
 
-from data.records import Record
+from data.records import SPLITS, Record
 
-SPLITS = ("train", "val", "test")
+__all__ = ["SPLITS", "assign_splits", "check_groups_disjoint"]
 
 
 def assign_splits(

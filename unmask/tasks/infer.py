@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,12 @@ def input_records(path: Path) -> tuple[list[Record], Path]:
     return UnlabelledFolderSource(str(path)).records(), path
 
 
+def file_names(paths, root: Path) -> list[str]:
+    """A file's name in the result: its path relative to the input folder (or to a CSV list's
+    folder, ``../x.png`` for a listed file outside it), POSIX separators."""
+    return [Path(os.path.relpath(p, root)).as_posix() for p in paths]
+
+
 def needed_bytes(n_files: int) -> int:
     """A floor on the free space a run needs for its result and sidecars (the gallery not
     counted): a disk with less is refused before any work."""
@@ -83,7 +90,7 @@ def run_inference(cfg: DictConfig) -> Path:
         scorer = Scorer(loaded, scoring, video)
         scores = scorer.score(records)
         files = scores.files
-        files["name"] = [Path(p).relative_to(names_root).as_posix() for p in files["path"]]
+        files["name"] = file_names(files["path"], names_root)
         labels, threshold = decide(files["prob"].to_numpy(), scoring.threshold, loaded.threshold)
         failed = labels < 0
         labels[failed] = int(cfg.fallback_label)
@@ -105,7 +112,7 @@ def run_inference(cfg: DictConfig) -> Path:
     if cfg.scores:
         log.info("scores written to %s", write_scores(out_path, files))
         if len(scores.frames):
-            write_frames(out_path, scores.frames.assign(name=[Path(p).relative_to(names_root).as_posix() for p in scores.frames["path"]]))
+            write_frames(out_path, scores.frames.assign(name=file_names(scores.frames["path"], names_root)))
     print(
         f"wrote {out_path} ({len(files)} rows, {int(np.sum(labels))} labelled AI-generated, threshold {fmt(threshold)}); "
         f"{len(files) / max(scores.seconds, 1e-9):.1f} images/s ({scores.seconds:.1f} s)"
