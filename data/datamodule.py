@@ -77,16 +77,24 @@ class FaceDataModule(pl.LightningDataModule):
         self.records: dict[str, list[Record]] = {}
         self.datasets: dict[str, ImageDataset] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
+    def split_records(self) -> dict[str, list[Record]]:
+        """The records of each split after the generator/source filters and
+        ``limit_per_split``: no face detection, no data sets, no check of the classes
+        present (the data-set audit reads any source this way)."""
         records = assign_splits(self.source.records(), self.split_fractions, self.split_seed)
         check_groups_disjoint(records)
+        out = {}
         for split in SPLITS:
             chosen = _keep([r for r in records if r.split == split], *self.filters[split])
             if self.limit_per_split:
                 chosen = _balanced_subset(chosen, int(self.limit_per_split), self.split_seed)
-            self.records[split] = chosen
+            out[split] = chosen
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        self.records = self.split_records()
         if self.faces is not None:  # detect once, in this process, before any worker starts
             self.faces.prepare([r.path for split in SPLITS for r in self.records[split]])
         for split in SPLITS:

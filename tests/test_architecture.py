@@ -16,8 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data", "detectors", "unmask")
 # Lowest first: each may import the ground floor and the layers before it.
-LAYERS = ("core", "reports", "scoring", "explain", "evaluation", "robustness", "tasks")
-ENTRY_SCRIPTS = ("train.py", "infer.py", "evaluate.py", "pretrain_osn.py")
+LAYERS = ("core", "reports", "scoring", "explain", "evaluation", "robustness", "audit", "service", "tasks")
+ENTRY_SCRIPTS = ("train.py", "infer.py", "evaluate.py", "pretrain_osn.py", "audit.py", "serve.py")
 
 
 def module_name(path: Path) -> str:

@@ -336,11 +336,12 @@ def test_wrong_threshold_policy_fails_at_composition(tmp_path):
 # --------------------------------------------------------------- the scoring group and its schema
 
 
-@pytest.mark.parametrize("config_name", ["train", "infer", "evaluate"])
+@pytest.mark.parametrize("config_name", ["train", "infer", "evaluate", "serve"])
 def test_every_entry_point_composes_the_same_scoring_group(config_name, tmp_path):
     from unmask.core.schemas import ScoringConfig
 
-    cfg = compose_cfg(["ckpt=x.ckpt", f"output_dir={tmp_path}"] if config_name != "train" else [f"paths.output_dir={tmp_path}"], config_name)
+    extra = {"train": [f"paths.output_dir={tmp_path}"], "serve": ["ckpt=x.ckpt", f"paths.output_dir={tmp_path}"]}
+    cfg = compose_cfg(extra.get(config_name, ["ckpt=x.ckpt", f"output_dir={tmp_path}"]), config_name)
     assert OmegaConf.get_type(cfg.scoring) is ScoringConfig
     assert OmegaConf.to_container(cfg.scoring) == OmegaConf.to_container(compose_cfg([f"paths.output_dir={tmp_path}"]).scoring)
 

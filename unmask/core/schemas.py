@@ -1,6 +1,6 @@
-"""Typed schemas of the config groups that shape scoring, registered in Hydra's ConfigStore.
+"""Typed schemas of the config groups that shape scoring (and the audit), registered in Hydra's ConfigStore.
 
-``configs/scoring/default.yaml`` and ``configs/explain/gallery.yaml`` extend them
+``configs/scoring/default.yaml``, ``configs/explain/gallery.yaml`` and ``configs/audit/default.yaml`` extend them
 (``defaults: [<group>_schema, _self_]``), so a wrong type or an unknown choice fails when
 the config is composed, naming the key (``scoring.batch_size=abc``, ``scoring.runtime=tf``).
 Range checks run in ``__post_init__`` when a task turns the node into its dataclass
@@ -34,6 +34,7 @@ class ExplainMethod(str, Enum):
 
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
 
 @dataclass
@@ -55,6 +56,20 @@ class ScoringConfig:
     # real_pass (90 % of reals pass).
     threshold_policy: ThresholdPolicy = ThresholdPolicy.youden
     progress: bool = True  # a progress bar per scoring pass
+    # Scale-out (infer.py, evaluate.py): Lightning's Trainer.predict over chunks of files, each
+    # rank writing its shard of rows as it goes (unmask.scoring.shards). The defaults keep the
+    # in-process pass; any other value, or stream=true, goes through Lightning.
+    accelerator: str = "auto"  # auto (from scoring.device) | cpu | gpu | cuda | mps
+    devices: Any = 1  # devices per node: N, or auto (every visible one)
+    num_nodes: int = 1  # machines (SLURM or torchrun sets the ranks)
+    strategy: str = "auto"  # auto (ddp when several devices) | ddp | ddp_spawn
+    stream: bool = False  # one device too: rows reach disk in shards; a killed run resumes
+    shard_size: int = 1024  # files per shard (the unit of resume)
+
+    @property
+    def scale_out(self) -> bool:
+        """Whether scoring goes through Lightning and shards (anything but the defaults)."""
+        return bool(self.stream) or self.devices != 1 or int(self.num_nodes) != 1 or self.strategy != "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
@@ -72,6 +87,18 @@ class ScoringConfig:
             raise ValueError(f"scoring.threshold: {e}") from None
         if self.compile and self.runtime != "torch":
             raise ValueError("scoring.compile=true needs scoring.runtime=torch")
+        if self.accelerator not in ACCELERATORS:
+            raise ValueError(f"scoring.accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
+        devices = str(self.devices).strip()
+        if devices != "auto" and not (devices.lstrip("-").isdigit() and (int(devices) >= 1 or int(devices) == -1)):
+            raise ValueError(f"scoring.devices must be an integer >= 1 (or -1 / auto: every visible device), got {self.devices!r}")
+        self.devices = devices if devices == "auto" else int(devices)
+        if isinstance(self.num_nodes, bool) or int(self.num_nodes) < 1:
+            raise ValueError(f"scoring.num_nodes must be an integer >= 1, got {self.num_nodes!r}")
+        if not re.match(r"^(auto|ddp\w*)$", str(self.strategy)):
+            raise ValueError(f"scoring.strategy must be auto, ddp, ddp_spawn (or another ddp_* of Lightning), got {self.strategy!r}")
+        if isinstance(self.shard_size, bool) or int(self.shard_size) < 1:
+            raise ValueError(f"scoring.shard_size must be an integer >= 1, got {self.shard_size!r}")
 
 
 @dataclass
@@ -91,7 +118,38 @@ class ExplainConfig:
             raise ValueError(f"explain.limit must be null (every file) or an integer >= 0, got {self.limit!r}")
 
 
-SCHEMAS = {"scoring": ScoringConfig, "explain": ExplainConfig}
+@dataclass
+class AuditConfig:
+    """``audit.py``: what the data-set audit measures and where it writes (configs/audit)."""
+
+    detectors: list[str] = dataclasses.field(default_factory=list)  # checkpoints that score the fakes (attack capability)
+    output_dir: str = "."  # audit.csv, audit.json, report.md and pictures land here
+    overwrite: bool = False  # write over an earlier audit in output_dir
+    identity_weights: str | None = None  # an InceptionResnetV1 state dict for the identity measures; null: left out
+    cache: bool = True  # reuse per-file measures and scores of earlier runs (<cache_dir>/audit)
+    limit: int | None = None  # at most this many files per source and class (seeded draw); null: every file
+    splits: list[str] | None = None  # which splits to audit (train, val, test); null: all
+    max_side: int = 1024  # whole-image measures run with the long side at most this
+    video_frames: int = 32  # consecutive frames read from the start of each video
+    seed: int = 0  # the draw of audit.limit
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or int(self.limit) < 1):
+            raise ValueError(f"audit.limit must be null or an integer >= 1, got {self.limit!r}")
+        if self.splits is not None:
+            unknown = sorted(set(self.splits) - {"train", "val", "test"})
+            if unknown or not self.splits:
+                raise ValueError(f"audit.splits must be null or a non-empty list of train, val, test; got {list(self.splits)!r}")
+            self.splits = list(self.splits)
+        if int(self.max_side) < 64:
+            raise ValueError(f"audit.max_side must be >= 64, got {self.max_side!r}")
+        if int(self.video_frames) < 3:
+            raise ValueError(f"audit.video_frames must be >= 3, got {self.video_frames!r}")
+        self.detectors = [str(d) for d in self.detectors]
+
+
+SCHEMAS = {"scoring": ScoringConfig, "explain": ExplainConfig, "audit": AuditConfig}
 
 
 def register() -> None:

@@ -85,3 +85,68 @@ def plot_robustness_curves(tables: Mapping[str, pd.DataFrame], path: str | Path,
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def plot_histograms(df: pd.DataFrame, columns: Sequence[str], by: str, path: str | Path,
+                    titles: Mapping[str, str] | None = None, bins: int = 30) -> Path:
+    """One panel per column: its distribution per value of ``by`` (density step histograms
+    on shared bins between the 1st and 99th percentiles, values beyond them in the end
+    bins; missing values left out)."""
+    columns = [c for c in columns if c in df and pd.to_numeric(df[c], errors="coerce").notna().any()]
+    ncols = 3
+    nrows = max(1, math.ceil(len(columns) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 2.8 * nrows), squeeze=False)
+    groups = sorted(df[by].dropna().astype(str).unique())
+    for ax, column in zip(axes.flat, columns):
+        values = pd.to_numeric(df[column], errors="coerce")
+        finite = values[np.isfinite(values)]
+        lo, hi = finite.quantile(0.01), finite.quantile(0.99)  # heavy tails would squash the rest into one bin
+        edges = np.linspace(lo, hi, bins + 1) if hi - lo > 1e-9 * max(1.0, abs(hi)) else bins
+        values = values.clip(lo, hi)
+        for group in groups:
+            part = values[(df[by].astype(str) == group) & np.isfinite(values)]
+            if len(part):
+                ax.hist(part, bins=edges, density=True, histtype="step", lw=1.2, label=f"{group} ({len(part)})")
+        ax.set_title((titles or {}).get(column, column), fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(columns):]:
+        ax.axis("off")
+    fig.tight_layout()
+    if columns:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+    out = atomic_save_figure(fig, path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_stacked_shares(shares: Mapping[str, Mapping[str, Mapping[str, float]]], parts: Sequence[str], path: str | Path,
+                        titles: Mapping[str, str] | None = None, reference: Mapping[str, float] | None = None) -> Path:
+    """One panel per entry of ``shares`` (panel -> group -> part -> share): a stacked bar per
+    group of the shares of ``parts``; ``reference`` adds a bar of target shares."""
+    panels = list(shares)
+    ncols = min(3, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.0 * nrows), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes.flat, panels):
+        groups = dict(shares[panel])
+        if reference is not None:
+            groups = {"target": reference, **groups}
+        bottom = np.zeros(len(groups))
+        for i, part in enumerate(parts):
+            values = np.array([float(g.get(part, 0.0) or 0.0) for g in groups.values()])
+            ax.bar(range(len(groups)), values, bottom=bottom, color=colors[i % len(colors)], label=part)
+            bottom += values
+        ax.set_xticks(range(len(groups)), list(groups), rotation=45, ha="right", fontsize=7)
+        ax.set(ylim=(0, 1.0), title=(titles or {}).get(panel, panel))
+        ax.title.set_fontsize(9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    out = atomic_save_figure(fig, path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -67,19 +67,39 @@ def evaluate_records(
     video: VideoOptions | None = None,
     split: str = "test",
     perturb=None,
-) -> dict:
+    scale_out: bool = False,
+) -> dict | None:
     """Score ``records`` with ``ckpt`` and write the evaluation into ``out_dir``; returns
     metrics.json's content. ``perturb``: a ``PerturbationGrid`` run after the clean pass.
-    QPS_image / QPS_video cover the clean pass, from loading the checkpoint to its results."""
+    QPS_image / QPS_video cover the clean pass, from loading the checkpoint to its results.
+
+    ``scale_out`` (evaluate.py): when the scoring settings ask for it (``scoring.devices``,
+    ``num_nodes``, ``strategy``, ``stream``) the clean pass runs through Lightning into shards
+    under ``out_dir/shards/<key>/`` (``unmask.scoring.shards``); rank zero merges them and
+    writes the report (and runs the perturbation grid in its own process), the other ranks
+    return None."""
     clock = RunClock()
     scoring, video = scoring or ScoringConfig(), video or VideoOptions()
+    sharded = scale_out and scoring.scale_out and bool(records)
+    if sharded and any(r.mask for r in records):
+        raise ValueError(
+            "these records have ground-truth masks: localisation metrics need every scored batch (its forgery maps) in one "
+            "process, which sharded scoring does not keep; evaluate them with scoring.devices=1 scoring.stream=false"
+        )
     out = writable_dir(out_dir, (1 << 20) + 1024 * len(records))  # fail before the work, not after it
     loaded = load_detector(ckpt)
     scorer = Scorer(loaded, scoring, video)
     evaluators = evaluators_for(loaded, records, video)
     # Localisation needs the detector's own forgery maps (none for a detector without one).
     explainer = ForgeryMaps("own", required=False) if any(isinstance(e, Localization) for e in evaluators) else None
-    scores = scorer.score(records, evaluators=evaluators, explainer=explainer)
+    if sharded:
+        from unmask.scoring.shards import score_sharded
+
+        scores = score_sharded(ckpt, records, scoring, video, out)
+        if scores is None:  # not rank zero: rank zero merges the shards and writes the report
+            return None
+    else:
+        scores = scorer.score(records, evaluators=evaluators, explainer=explainer)
     threshold, how = threshold_in_force(loaded, scoring.threshold, scores.files["prob"].to_numpy() if len(scores.files) else [])
 
     report = {"split": split, "checkpoint": str(ckpt), "seconds": scores.seconds}
@@ -123,7 +143,7 @@ def evaluate_records(
     return report
 
 
-def run_evaluation(cfg: DictConfig) -> dict:
+def run_evaluation(cfg: DictConfig) -> dict | None:
     """``python evaluate.py ckpt=PATH data=... split=test [perturb=spec]``: the data config
     only selects the files; preprocessing and the face stage come from the checkpoint."""
     scoring = options(cfg.scoring)  # a bad value fails here, before anything is loaded
@@ -133,4 +153,6 @@ def run_evaluation(cfg: DictConfig) -> dict:
     datamodule.setup()
     if cfg.split not in datamodule.records:
         raise ValueError(f"split must be one of {sorted(datamodule.records)}, got {cfg.split!r}")
-    return evaluate_records(cfg.ckpt, datamodule.records[cfg.split], cfg.output_dir, scoring, video, split=cfg.split, perturb=perturb)
+    return evaluate_records(
+        cfg.ckpt, datamodule.records[cfg.split], cfg.output_dir, scoring, video, split=cfg.split, perturb=perturb, scale_out=True,
+    )

@@ -4,6 +4,10 @@ Video files (mp4, avi, mov, webm, mkv, m4v) get one row too: their sampled frame
 and aggregated to one score (``configs/video``). The run's QPS_image / QPS_video are printed
 (and written to ``result_*.metrics.json`` with ``metrics=true``). ``explain=gallery`` then
 writes maps, overlays and an HTML page, after the contest file and its timing.
+
+With ``scoring.devices/num_nodes/strategy`` other than the defaults, or ``scoring.stream=true``,
+the files are scored through Lightning into resumable shards (``run_scaled_inference``,
+``unmask.scoring.shards``); the contest file and sidecars are the same.
 """
 from __future__ import annotations
 
@@ -77,6 +81,8 @@ def run_inference(cfg: DictConfig) -> Path:
         raise ValueError(f"fallback_label must be 0 or 1, got {cfg.fallback_label!r}")
     video = VideoOptions.from_config(cfg.get("video"))
     records, names_root = input_records(Path(cfg.input))
+    if scoring.scale_out and records:
+        return run_scaled_inference(cfg, scoring, explain, video, records, names_root, clock, started)
     out_path = reserve_result(cfg.output_dir, started, needed_bytes(len(records)))
     written = False
     try:
@@ -89,17 +95,33 @@ def run_inference(cfg: DictConfig) -> Path:
 
         scorer = Scorer(loaded, scoring, video)
         scores = scorer.score(records)
-        files = scores.files
-        files["name"] = file_names(files["path"], names_root)
-        labels, threshold = decide(files["prob"].to_numpy(), scoring.threshold, loaded.threshold)
-        failed = labels < 0
-        labels[failed] = int(cfg.fallback_label)
-        files["decision"] = labels
-        write_contest_csv(out_path, files["name"].tolist(), labels.tolist())
+        files, labels, threshold, failed = write_result(cfg, out_path, scores, names_root, scoring, loaded)
         written = True
     finally:
         if not written:  # no empty file may pass for this run's result
             release_result(out_path)
+    write_sidecars(cfg, out_path, clock, scores, files, labels, threshold, failed, names_root)
+    if explain is not None:  # last, after the contest file and the timing: it can cost neither
+        write_gallery(scorer, records, scores, sidecar(out_path, "explain"), explain, threshold)
+    return out_path
+
+
+def write_result(cfg: DictConfig, out_path: Path, scores: Scores, names_root: Path, scoring, loaded) -> tuple:
+    """The contest file from the scored rows: names relative to the input, the threshold rule
+    (``metrics.decide``), the fallback label for files that could not be decoded."""
+    files = scores.files
+    files["name"] = file_names(files["path"], names_root)
+    labels, threshold = decide(files["prob"].to_numpy(), scoring.threshold, loaded.threshold)
+    failed = labels < 0
+    labels[failed] = int(cfg.fallback_label)
+    files["decision"] = labels
+    write_contest_csv(out_path, files["name"].tolist(), labels.tolist())
+    return files, labels, threshold, failed
+
+
+def write_sidecars(cfg: DictConfig, out_path: Path, clock: RunClock, scores: Scores, files, labels, threshold, failed, names_root: Path) -> None:
+    """After the contest file: the undecodable list, scores and frames, the printed summary
+    and throughput, metrics.json."""
     throughput = throughput_report(clock.seconds(), scores.n_images, scores.n_videos, scores.video_seconds, scores.n_video_frames)
 
     undecodable = write_undecodable(out_path, files)
@@ -123,8 +145,40 @@ def run_inference(cfg: DictConfig) -> Path:
             sidecar(out_path, "metrics.json"),
             {"qps_image": throughput["qps_image"], "qps_video": throughput["qps_video"], "throughput": throughput, "runtime": scores.runtime},
         )
-    if explain is not None:  # last, after the contest file and the timing: it can cost neither
-        write_gallery(scorer, records, scores, sidecar(out_path, "explain"), explain, threshold)
+
+
+def run_scaled_inference(cfg: DictConfig, scoring, explain, video, records: list[Record], names_root: Path, clock: RunClock, started) -> Path | None:
+    """infer.py through Lightning (``scoring.devices/num_nodes/strategy/stream``): every rank
+    scores its chunks into shards under ``<output_dir>/shards/<key>/`` (a re-run with the same
+    key scores only the missing chunks); rank zero alone claims the result name, merges the
+    shards and writes the contest file and its sidecars, exactly as the one-process pass
+    would. Returns the result's path on rank zero, None on the other ranks."""
+    from unmask.scoring.shards import ShardStore, ShardWriter, scale_out_trainer, score_to_shards, shard_key
+
+    loaded = load_detector(cfg.ckpt)  # refused before any work when it is not a checkpoint
+    facts = shard_key(cfg.ckpt, records, scoring, video, names_root)
+    store = ShardStore.for_run(cfg.output_dir, facts)
+    trainer = scale_out_trainer(scoring, [ShardWriter(store)])
+    if trainer.global_rank != 0:
+        score_to_shards(trainer, cfg.ckpt, records, scoring, video, store)
+        return None
+    store.release_killed_claim()
+    out_path = reserve_result(cfg.output_dir, started, needed_bytes(len(records)))
+    written = False
+    try:
+        store.open(facts)
+        store.note_result(out_path)
+        score_to_shards(trainer, cfg.ckpt, records, scoring, video, store)
+        scores = store.merge()
+        files, labels, threshold, failed = write_result(cfg, out_path, scores, names_root, scoring, loaded)
+        written = True
+    finally:
+        if not written:
+            release_result(out_path)
+    log.info("merged %d shards of %s into %s", store.n_chunks, store.folder, out_path)
+    write_sidecars(cfg, out_path, clock, scores, files, labels, threshold, failed, names_root)
+    if explain is not None:
+        write_gallery(Scorer(loaded, scoring, video), records, scores, sidecar(out_path, "explain"), explain, threshold)
     return out_path
 
 
