@@ -7,7 +7,9 @@ and renames it over the target only when the write finished.
 from __future__ import annotations
 
 import errno
+import gzip
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -15,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # mkstemp creates files readable by their owner only; a result must get the permissions a
 # plain open() would give (0666 minus the umask), or a grader running as another user cannot
@@ -120,3 +124,28 @@ def atomic_save_figure(fig, path: str | Path, **kwargs) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, **kwargs)
     return Path(path)
+
+
+def read_json_gz(path: str | Path, what: str) -> dict:
+    """The dict a cache keeps in the gzip JSON file ``path``: empty when there is none, and
+    when it is damaged (with a warning naming ``what``): a damaged cache costs recomputing
+    its entries, never the run."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError) as e:
+        log.warning("%s %s unreadable (%s); starting a new one", what, path, e)
+        return {}
+    if not isinstance(entries, dict):
+        log.warning("%s %s holds no table; starting a new one", what, path)
+        return {}
+    return entries
+
+
+def write_json_gz(path: str | Path, entries: dict) -> Path:
+    """``entries`` as compact gzip JSON at ``path``, atomically (NaN stays NaN)."""
+    payload = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    return atomic_write_bytes(path, gzip.compress(payload, compresslevel=3))

@@ -8,14 +8,12 @@ run keeps what it found.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 from data.faces.types import Face
-from data.io import atomic_write_bytes
+from data.io import read_json_gz, write_json_gz
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +33,8 @@ class FaceCache:
         self.entries: dict[str, list[dict]] = {}
         self.dirty = 0
         self.hits = self.misses = 0
-        if self.file is not None and self.file.is_file():
-            try:
-                with gzip.open(self.file, "rt", encoding="utf-8") as f:
-                    self.entries = json.load(f)
-            except (OSError, ValueError) as e:  # a damaged cache costs a re-detection, never the run
-                log.warning("face cache %s unreadable (%s); starting a new one", self.file, e)
+        if self.file is not None:
+            self.entries = read_json_gz(self.file, "face cache")
 
     def get(self, digest: str) -> list[Face] | None:
         found = self.entries.get(digest)
@@ -57,6 +51,5 @@ class FaceCache:
     def save(self) -> None:
         if self.file is None or not self.dirty:
             return
-        payload = json.dumps(self.entries, separators=(",", ":")).encode("utf-8")
-        atomic_write_bytes(self.file, gzip.compress(payload, compresslevel=3))
+        write_json_gz(self.file, self.entries)
         self.dirty = 0

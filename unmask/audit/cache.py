@@ -10,14 +10,13 @@ what it measured.
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
-from data.io import atomic_write_bytes
+from data.io import read_json_gz, write_json_gz
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +48,8 @@ class AuditCache:
         self.file = Path(directory) / f"{namespace}.json.gz" if directory else None
         self.entries: dict[str, dict] = {}
         self.dirty = 0
-        if self.file is not None and self.file.is_file():
-            try:
-                with gzip.open(self.file, "rt", encoding="utf-8") as f:
-                    self.entries = json.load(f)
-            except (OSError, ValueError) as e:  # a damaged cache costs a re-measurement, never the run
-                log.warning("audit cache %s unreadable (%s); starting a new one", self.file, e)
+        if self.file is not None:
+            self.entries = read_json_gz(self.file, "audit cache")
 
     def __contains__(self, key: str) -> bool:
         return key in self.entries
@@ -69,6 +64,5 @@ class AuditCache:
     def save(self) -> None:
         if self.file is None or not self.dirty:
             return
-        payload = json.dumps(self.entries, separators=(",", ":")).encode("utf-8")  # NaN stays NaN
-        atomic_write_bytes(self.file, gzip.compress(payload, compresslevel=3))
+        write_json_gz(self.file, self.entries)
         self.dirty = 0
