@@ -5,18 +5,7 @@ roc.png into the run folder (see unmask/tasks/evaluate.py). The data config only
 the files; preprocessing and the face stage come from the checkpoint, scoring from
 ``scoring.*``.
 """
-import hydra
-from omegaconf import DictConfig
-
-import unmask.core.config  # noqa: F401  (the ${unmask_root:} resolver and the config schemas)
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    from unmask.tasks.evaluate import run_evaluation
-
-    run_evaluation(cfg)
-
+from unmask.cli import evaluate as main  # the Hydra app, shared with the unmask-evaluate command
 
 if __name__ == "__main__":
     main()

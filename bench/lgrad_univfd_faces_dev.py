@@ -9,8 +9,8 @@ CPU-sized settings (2 shared cores), all stated in the runs' overrides below:
 - every run: 128 px canonical images (``canonical=deterministic``: the same pixels every
   epoch, so gradient maps and embeddings are computed once and cached), no augmentation
   of the images (LGrad crops and flips its gradient maps itself), 1 intra-op thread;
-- LGrad: source ``mobilenetv2_100`` (offline ImageNet weights, head kept, output = sum of
-  the 1000 logits) at 128 px; classifier ``tf_efficientnet_lite0`` with offline ImageNet
+- LGrad: source ``mobilenetv2_100`` (offline ImageNet weights, head kept, output = the max
+  of the 1000 logits, the default since issue 12) at 128 px; classifier ``tf_efficientnet_lite0`` with offline ImageNet
   weights instead of the paper's ResNet-50 (no offline ResNet-50 weights here, and about
   4x the compute); random 112 crops (the paper's 224/256) + flips in training, the full map
   at test; Adam lr 5e-4, lr x0.8 every 10 epochs (paper), batch 32, ``--lgrad-epochs``
@@ -49,7 +49,6 @@ def runs(args: argparse.Namespace) -> dict[str, list[str]]:
             "detector=lgrad",
             "detector.source=mobilenetv2_100",
             "detector.source_pretrained=imagenet",
-            "detector.source_output=sum",
             "detector.classifier=tf_efficientnet_lite0",
             "detector.pretrained=imagenet",
             "detector.mean=[0.5,0.5,0.5]",

@@ -12,6 +12,14 @@ the same way, whatever its class, takes those shortcuts away:
 3. a JPEG re-encode of *every* image with PIL (random quality in training, fixed in
    evaluation), so the container and its quantisation tables say nothing about the label,
 4. optional grayscale on both classes (training only).
+
+Detectors that read pixel-level traces need training and evaluation to treat an image alike
+(``configs/canonical/npr.yaml``): ``resize_size`` resizes to one size and crops another
+(the NPR paper's resize 256, crop 224), ``crop_align=2`` keeps every crop offset even, so a
+2x up-sampler's 2x2 pixel grid keeps its phase in training (random crop) and evaluation
+(centre crop) alike; with no scale jitter, no extra re-encode before the crop and one fixed
+JPEG quality in both, an up-sampling trace reaches training exactly as it reaches evaluation.
+The defaults (``resize_size=null``, ``crop_align=1``) are the steps above, unchanged.
 """
 from __future__ import annotations
 
@@ -75,8 +83,7 @@ def resize_image(arr: np.ndarray, size: int, policy: str = "short_side") -> np.n
     return resize_image_affine(arr, size, policy)[0]
 
 
-def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
-    """Encode and decode with PIL at ``quality`` (4:2:0, the PIL default)."""
+def _pil_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=int(quality))
     buf.seek(0)
@@ -84,7 +91,47 @@ def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def _crop(arr: np.ndarray, size: int, random_position: bool) -> tuple[np.ndarray, np.ndarray]:
+def _torchvision_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
+
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    chw = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)
+    decoded = decode_jpeg(encode_jpeg(chw, quality=int(quality)), mode=ImageReadMode.RGB).numpy()
+    # HxWx3 and contiguous, as PIL gives it (cv2 steps after this want contiguous arrays); by
+    # numpy: a torch copy may wake intra-op threads, slow on a loaded machine (workers=0)
+    return np.ascontiguousarray(decoded.transpose(1, 2, 0))
+
+
+_ROUNDTRIP = None  # the implementation this process uses, chosen on first use
+
+
+def _roundtrip_impl():
+    """torchvision's libjpeg(-turbo) calls when they give PIL's bytes-for-bytes pixels on a
+    probe (they do with the pinned builds: same library, same defaults, 4:2:0, islow DCT), at
+    about half PIL's cost per 128 px image; PIL otherwise. ``tests/test_fast_default.py``
+    compares the two on every quality."""
+    global _ROUNDTRIP
+    if _ROUNDTRIP is None:
+        _ROUNDTRIP = _pil_roundtrip
+        try:
+            probe = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+            probe[8:16] = 128  # flat and noisy blocks
+            if all(np.array_equal(_torchvision_roundtrip(probe, q), _pil_roundtrip(probe, q)) for q in (50, 92)):
+                _ROUNDTRIP = _torchvision_roundtrip
+        except Exception:  # noqa: BLE001 (no usable torchvision: PIL does it)
+            pass
+    return _ROUNDTRIP
+
+
+def jpeg_roundtrip(arr: np.ndarray, quality: int) -> np.ndarray:
+    """Encode and decode at ``quality`` with PIL's settings (4:2:0, the PIL default); the
+    pixels are PIL's exactly (see ``_roundtrip_impl``)."""
+    return _roundtrip_impl()(arr, quality)
+
+
+def _crop(arr: np.ndarray, size: int, random_position: bool, align: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """A ``size`` x ``size`` crop, random or centred; ``align`` > 1: offsets are multiples of it."""
     h, w = arr.shape[:2]
     affine = np.eye(3)
     if h < size or w < size:  # only after policy "none" on a small image
@@ -93,7 +140,12 @@ def _crop(arr: np.ndarray, size: int, random_position: bool) -> tuple[np.ndarray
         arr = cv2.resize(arr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         affine = scale_affine(new_w / w, new_h / h)
         h, w = arr.shape[:2]
-    if random_position:
+    if align > 1:
+        if random_position:
+            top, left = random.randint(0, (h - size) // align) * align, random.randint(0, (w - size) // align) * align
+        else:
+            top, left = (h - size) // 2 // align * align, (w - size) // 2 // align * align
+    elif random_position:
         top, left = random.randint(0, h - size), random.randint(0, w - size)
     else:
         top, left = (h - size) // 2, (w - size) // 2
@@ -116,6 +168,12 @@ class Canonicalizer:
     # after resizing (the blocks just move to a new period); giving every image such a grid
     # first makes "has an old JPEG grid" say nothing about the label (tests/test_canonical.py).
     train_reencode_before_jitter: bool = True
+    # The resize stage's size (short side or square); null: ``size``. Larger than ``size``, the
+    # crop then takes ``size`` out of it (NPR's paper recipe: resize 256, crop 224).
+    resize_size: int | None = None
+    # Crop offsets are multiples of this, in training and evaluation (2: a 2x up-sampler's
+    # pixel grid keeps its phase; 1: any offset).
+    crop_align: int = 1
 
     def __post_init__(self) -> None:
         # Messages name the Hydra keys a user sets (``canonical.*``; size follows data.image_size).
@@ -137,14 +195,23 @@ class Canonicalizer:
             raise ValueError(f"canonical.grayscale_p must be in [0, 1], got {self.grayscale_p!r}")
         if not 0.0 <= self.scale_jitter <= 1.0:
             raise ValueError(f"canonical.scale_jitter must be in [0, 1], got {self.scale_jitter!r}")
+        if self.resize_size is not None and not (isinstance(self.resize_size, int) and self.resize_size >= self.size):
+            raise ValueError(f"canonical.resize_size must be null or an integer >= canonical.size ({self.size}), got {self.resize_size!r}")
+        if not (isinstance(self.crop_align, int) and self.crop_align >= 1):
+            raise ValueError(f"canonical.crop_align must be an integer >= 1, got {self.crop_align!r}")
+
+    @property
+    def resize_target(self) -> int:
+        """The size the resize stage brings images to (``resize_size``, else ``size``)."""
+        return self.resize_size or self.size
 
     def resize_stage(self, arr: np.ndarray) -> np.ndarray:
         """The deterministic part, done once per image and cached by the data set."""
-        return resize_image(arr, self.size, self.resize)
+        return resize_image(arr, self.resize_target, self.resize)
 
     def resize_stage_affine(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``resize_stage`` plus the 3x3 map from input to output coordinates."""
-        return resize_image_affine(arr, self.size, self.resize)
+        return resize_image_affine(arr, self.resize_target, self.resize)
 
     def finish(self, arr: np.ndarray, train: bool) -> np.ndarray:
         """The crop; always returns ``size x size`` so that batches stack."""
@@ -162,7 +229,7 @@ class Canonicalizer:
             new_w, new_h = round(w * s), round(h * s)
             arr = cv2.resize(arr, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
             affine = scale_affine(new_w / w, new_h / h)
-        arr, crop = _crop(arr, self.size, random_position=train)
+        arr, crop = _crop(arr, self.size, random_position=train, align=self.crop_align)
         return arr, crop @ affine
 
     def encode(self, arr: np.ndarray, train: bool) -> np.ndarray:

@@ -107,7 +107,7 @@ class ImageDataset(Dataset):
     def _decode(self, index: int, draft: bool) -> np.ndarray:
         """Decoded RGB of record ``index``; ``draft``: JPEG DCT-domain down-scaling to about the
         canonical size (only without faces: a face is often a small part of the file)."""
-        size = self.canonical.size if draft and self.canonical.resize != "none" else None
+        size = self.canonical.resize_target if draft and self.canonical.resize != "none" else None
         return decode_image(self.records[index].path, self.max_pixels, draft_size=size)
 
     def _cut(self, index: int, rgb: np.ndarray, faces: list, chosen: int) -> _Resized:
@@ -230,7 +230,10 @@ class ImageDataset(Dataset):
                     mask, mask_ok = new_mask.astype(np.float32), True
                 if new_label != label:
                     label, generator = new_label, new_generator or generator
-            arr, mask, landmarks = self.augment.apply_pixels(arr, mask, landmarks)
+            # a flip swaps the face's left and right: the analyser's mirror table re-indexes the
+            # landmarks (template landmarks of a face-less view have no anatomy to swap)
+            mirror = self.faces.mirror_indices if self.faces is not None and resized.face_found else None
+            arr, mask, landmarks = self.augment.apply_pixels(arr, mask, landmarks, mirror=mirror)
         arr = self.canonical.encode(arr, self.train)
         sample = make_sample(arr, r, error=error, label=label, generator=generator, **meta)
         if self.faces is not None:

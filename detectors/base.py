@@ -68,6 +68,12 @@ class Detector(nn.Module):
     5. ``after_backward()``: a hook after each training backward (input-gradient memories).
     6. ``class_names``: the forgery types of ``out.class_logits`` when it has them (None: no
        attribution head); ``feature_dim``: the width of ``out.features`` (None: no features).
+    7. ``input_gradients``: whether the training loss back-propagates to the input image
+       (True by default). A detector whose logit does not depend differentiably on its
+       input (a frozen encoder under ``no_grad``, gradient maps computed from a detached
+       copy) must declare False: wrappers that perturb the input adversarially
+       (``OSNRobust``'s xi) read the input's gradient and refuse such a detector instead of
+       silently training with xi = 0.
     Frozen parts (an encoder, a gradient source) set ``requires_grad=False`` and stay in eval
     mode whatever ``train()`` asks; every trainable parameter must receive a gradient.
     """
@@ -76,6 +82,7 @@ class Detector(nn.Module):
     export_note: str | None = None
     class_names: tuple[str, ...] | None = None
     feature_dim: int | None = None  # width D of ``out.features`` (None: it has none)
+    input_gradients: bool = True  # the loss back-propagates to the input image (see 7.)
 
     def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
         super().__init__()
@@ -115,7 +122,8 @@ class Detector(nn.Module):
 
 class DetectorWrapper(Detector):
     """A detector around another one (``detectors/wrappers/``): it inherits what the inner
-    detector requires, whether it exports, and its forgery types unless it adds its own."""
+    detector requires, whether it exports, whether gradients reach its input, and its
+    forgery types unless it adds its own."""
 
     inner: Detector
 
@@ -134,6 +142,10 @@ class DetectorWrapper(Detector):
     @property
     def feature_dim(self) -> int | None:
         return self.inner.feature_dim
+
+    @property
+    def input_gradients(self) -> bool:
+        return self.inner.input_gradients
 
     def after_backward(self) -> None:
         self.inner.after_backward()

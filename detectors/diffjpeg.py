@@ -3,8 +3,8 @@ as used by the OSN paper: RGB -> YCbCr, 4:2:0 chroma subsampling, 8x8 DCT, divis
 the quality-scaled quantisation tables, rounding, and back.
 
 The forward pass follows libjpeg (what PIL calls): the same Annex K base tables scaled
-by ``jpeg_set_quality`` (5000/q below 50, else 200 - 2q, integer tables clamped to
-[1, 255]), full-range BT.601 YCbCr, box-averaged chroma and triangle ("fancy")
+by ``jpeg_set_quality`` (5000 // q below 50, else 200 - 2q, in integer arithmetic; tables
+clamped to [1, 255]), full-range BT.601 YCbCr, box-averaged chroma and triangle ("fancy")
 up-sampling, which is bilinear with half-pixel centres. Rounding is
 ``round(x) + (x - round(x))**3``: the value of a hard rounding, a non-zero gradient
 almost everywhere, so the codec can sit inside a network that is trained through it.
@@ -49,9 +49,11 @@ def differentiable_round(x: Tensor) -> Tensor:
 
 
 def quality_scale(quality: Tensor) -> Tensor:
-    """libjpeg's percentage scaling of the base tables for a quality in [1, 100]."""
-    q = quality.clamp(1, 100).float()
-    return torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
+    """libjpeg's percentage scaling of the base tables (``jpeg_quality_scaling``), in its
+    integer arithmetic: the quality rounded to an integer in [1, 100], then ``5000 // q``
+    below 50 (integer division: 5000 / 30 is 166, not 166.7) and ``200 - 2q`` from 50 up."""
+    q = quality.float().round().clamp(1, 100)
+    return torch.where(q < 50, torch.div(5000.0, q, rounding_mode="floor"), 200.0 - 2.0 * q)
 
 
 def dct_matrix(n: int = 8) -> Tensor:
@@ -94,7 +96,9 @@ class DiffJPEG(nn.Module):
         return differentiable_round(x) if self.differentiable else torch.round(x)
 
     def tables(self, quality: Tensor) -> tuple[Tensor, Tensor]:
-        """Integer quantisation tables, (B, 8, 8) each, exactly as libjpeg builds them."""
+        """Integer quantisation tables, (B, 8, 8) each, row-major, exactly as libjpeg builds
+        them (``(base * scale + 50) // 100`` clamped to [1, 255]: what PIL writes;
+        ``tests/test_fidelity_b.py`` compares every quality 10-100 with PIL's tables)."""
         scale = quality_scale(quality).view(-1, 1, 1)
         luma = torch.floor((self.luma_table * scale + 50.0) / 100.0).clamp(1, 255)
         chroma = torch.floor((self.chroma_table * scale + 50.0) / 100.0).clamp(1, 255)

@@ -4,13 +4,21 @@ residual graph-convolution blocks, and the splat of per-node scores into a heatm
 
 Positions here are node layouts in any consistent unit (RGNet passes image-normalised
 coordinates); adjacencies are dense (N, N) or per-sample (B, N, N) float tensors.
+
+Edges are built on each face's own layout by default, so a file's graph, and so its score,
+never depends on the other files of its batch. (A graph on the batch-mean layout did: and a
+horizontal flip, which moved the landmarks, dragged the mean layout toward the midline.)
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 from scipy.spatial import Delaunay
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 def normalized_adjacency(adjacency: Tensor) -> Tensor:
@@ -52,27 +60,44 @@ def delaunay_adjacency(positions: Tensor) -> Tensor:
     return torch.from_numpy(adjacency).to(positions.device)
 
 
-class KnnEdges:
-    """``k`` nearest neighbours, on each sample's own layout (``per_sample``) or on the
-    batch-mean layout (one graph for the batch: the landmark topology is the same face)."""
+BATCH_MEAN_WARNING = (
+    "detector.edges.per_sample=false: one graph from the batch-mean landmark layout, so a file's score "
+    "depends on the other files of its batch (kept only to score checkpoints trained that way)"
+)
 
-    def __init__(self, k: int = 8, per_sample: bool = False) -> None:
+
+class KnnEdges:
+    """``k`` nearest neighbours on each face's own layout (``per_sample``, the default), or,
+    for checkpoints trained before issue 12 only, on the batch-mean layout (one graph per
+    batch: a file's score then depends on its batch mates)."""
+
+    def __init__(self, k: int = 8, per_sample: bool = True) -> None:
         if int(k) < 1:
             raise ValueError(f"detector.edges.k must be >= 1, got {k}")
         self.k, self.per_sample = int(k), bool(per_sample)
+        if not self.per_sample:
+            log.warning(BATCH_MEAN_WARNING)
 
     def __call__(self, positions: Tensor) -> Tensor:
-        """positions (B, N, 2) -> normalised adjacency (B, N, N) or (N, N)."""
+        """positions (B, N, 2) -> normalised adjacency (B, N, N) (or (N, N) on the batch mean)."""
         layout = positions if self.per_sample else positions.mean(0)
         return normalized_adjacency(knn_adjacency(layout, self.k))
 
 
 class DelaunayEdges:
-    """Delaunay triangulation of the batch-mean layout. MediaPipe's own mesh triangles
-    are not shipped with this project, so the triangulation is recomputed from the nodes."""
+    """Delaunay triangulation of each face's layout (``per_sample``, the default; false: of
+    the batch-mean layout, as before issue 12). MediaPipe's own mesh triangles are not
+    shipped with this project, so the triangulation is recomputed from the nodes."""
+
+    def __init__(self, per_sample: bool = True) -> None:
+        self.per_sample = bool(per_sample)
+        if not self.per_sample:
+            log.warning(BATCH_MEAN_WARNING)
 
     def __call__(self, positions: Tensor) -> Tensor:
-        return normalized_adjacency(delaunay_adjacency(positions.mean(0)))
+        if not self.per_sample:
+            return normalized_adjacency(delaunay_adjacency(positions.mean(0)))
+        return normalized_adjacency(torch.stack([delaunay_adjacency(p) for p in positions]))
 
 
 class ResidualGraphBlock(nn.Module):

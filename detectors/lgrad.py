@@ -106,6 +106,7 @@ def load_source_weights(module: nn.Module, file: str | Path) -> None:
 
 
 class LGrad(Detector):
+    input_gradients = False  # the gradient maps are computed from a detached input: no gradient reaches the image
     export_note = "LGrad differentiates its gradient source inside forward (autograd at inference), which an exported graph cannot do"
 
     def __init__(
@@ -116,7 +117,7 @@ class LGrad(Detector):
         source_mean: Sequence[float] | None = None,
         source_std: Sequence[float] | None = None,
         source_size: int | None = None,
-        source_output: str = "sum",
+        source_output: str = "max",
         batch_mode: str = "auto",
         quantize: bool = True,
         classifier: str = "resnet50",
@@ -148,8 +149,17 @@ class LGrad(Detector):
         for p in self.source.parameters():  # (a loop: ScriptModules have no requires_grad_)
             p.requires_grad_(False)
         self.source.eval()
-        # The source's normalisation: given, else its timm pretrained_cfg (a custom module
-        # without one, e.g. a StyleGAN discriminator, falls back to ImageNet's: set it).
+        # The source's normalisation: given, else its timm pretrained_cfg. A custom module
+        # without one (a StyleGAN discriminator wants [-1, 1], not ImageNet's statistics) must
+        # say it: guessing would feed it inputs it was never trained on, silently.
+        if (source_mean is None or source_std is None) and not (getattr(self.source, "pretrained_cfg", None) or {}).get("mean"):
+            if not _SKIP_PRETRAINED.get():
+                raise ValueError(
+                    f"detector.source {self.source_name} is not a timm model, so its input normalisation is unknown: set "
+                    "detector.source_mean and detector.source_std (e.g. [0.5,0.5,0.5] and [0.5,0.5,0.5] for a StyleGAN "
+                    "discriminator's [-1, 1], ImageNet's [0.485,0.456,0.406] and [0.229,0.224,0.225] for a torchvision classifier)"
+                )
+            log.warning("gradient source %s declares no normalisation; the checkpoint was trained with ImageNet's, kept", self.source_name)
         source_mean, source_std = normalization(self.source, source_mean, source_std)
         self.register_buffer("source_mean", torch.tensor(source_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("source_std", torch.tensor(source_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)

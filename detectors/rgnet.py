@@ -4,7 +4,7 @@ forged face images based on a residual graph neural network").
 image -> CNN feature pyramid (timm, honest weights) -> for every landmark node, features
 sampled at its position on each pyramid level and on rings of several radii around it
 ("scales") -> learned attention over scales, per node -> residual graph convolutions over
-k-NN or Delaunay edges of the landmark layout -> mean + max readout -> image logit.
+k-NN or Delaunay edges of each face's own landmark layout -> mean + max readout -> image logit.
 A linear head on the node states scores every node; the scores' mean joins the image
 logit (so they are trained) and their Gaussians at the node positions form the heatmap.
 

@@ -5,12 +5,17 @@ A frozen image encoder and, on its image embedding, either
   CLIP ViT-L/14's 768-d projected embedding, 769 trainable parameters), or
 - ``mode=knn``: the paper's nearest-neighbour variant: cosine similarity against a bank
   of real and fake training embeddings. The bank fills itself from the training batches
-  (deduplicated by image content, so later epochs add nothing new) and lives in buffers,
-  so the checkpoint carries it. The score is ``mean top-k similarity to fakes - mean
-  top-k similarity to reals`` (k = 1: the nearest neighbour's class decides, as in the
-  paper); ``logit = scale * score + bias`` with those two numbers trained by BCE (a Platt
-  calibration; the Lightning loop needs something to optimise). During training every
-  image is scored with itself left out of the bank.
+  with one entry per training image, keyed by its file (``meta.path``, with the view and
+  label when a face stage or self-blending gives one file several): a later epoch replaces
+  the image's entry with its newest embedding instead of adding an augmented near-copy,
+  so after training the bank holds each image's last-epoch view (the un-augmented image
+  with ``augment=none``). Batches without paths fall back to a hash of the pixels. The
+  bank lives in buffers, so the checkpoint carries it. The score is ``mean top-k
+  similarity to fakes - mean top-k similarity to reals`` (k = 1: the nearest neighbour's
+  class decides, as in the paper); ``logit = scale * score + bias`` with those two numbers
+  trained by BCE (a Platt calibration; the Lightning loop needs something to optimise).
+  During training every image is scored with its own entry left out of the bank
+  (leave-one-out), so the calibration never sees an image matched with itself.
 
 Encoders: ``library=open_clip`` (``ViT-L-14`` as in the paper; weights from a local file
 or a hub tag such as ``openai`` where a hub is reachable) or ``library=timm`` (any timm
@@ -20,6 +25,7 @@ Embeddings can be cached on disk by image content + encoder weights + preprocess
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -129,9 +135,25 @@ def _key_to_int(key: str) -> int:
     return int(key[:15], 16)  # 60 bits of the content hash: fits an int64 buffer
 
 
+def _bank_keys(batch: Mapping, x: Tensor) -> Tensor:
+    """One int64 key per sample naming the training image: its path (with the view and the
+    label, which a face stage or self-blending can vary per file), else its pixels."""
+    meta = batch.get("meta") or {}
+    paths = meta.get("path")
+    n = x.shape[0]
+    if paths is None or len(paths) != n:
+        return torch.tensor([_key_to_int(k) for k in content_keys(x)], dtype=torch.int64)
+    views = meta.get("face_index")
+    views = [-1] * n if views is None else torch.as_tensor(views).view(-1).tolist()
+    labels = torch.as_tensor(batch["label"]).view(-1).tolist()
+    names = (f"{p}\x00{v}\x00{lab}" for p, v, lab in zip(paths, views, labels))
+    return torch.tensor([_key_to_int(hashlib.blake2b(s.encode(), digest_size=8).hexdigest()) for s in names], dtype=torch.int64)
+
+
 class FeatureBank(nn.Module):
-    """L2-normalised embeddings with their labels and content keys, in buffers that grow
-    (and are restored at whatever size a checkpoint holds)."""
+    """L2-normalised embeddings with their labels and keys (one per training image, see
+    ``_bank_keys``), in buffers that grow (and are restored at whatever size a checkpoint
+    holds)."""
 
     def __init__(self, dim: int, limit: int = 200_000) -> None:
         super().__init__()
@@ -152,22 +174,25 @@ class FeatureBank(nn.Module):
 
     @torch.no_grad()
     def add(self, features: Tensor, labels: Tensor, keys: Tensor) -> int:
-        """Append the samples whose key is new (first one wins within a batch); returns how
-        many were added. Past ``limit`` the oldest entries go."""
+        """One entry per key, the latest winning: a known key's entry is overwritten in place
+        (embedding and label), a new key is appended (the last of a batch's duplicates
+        wins). Returns how many keys were new. Past ``limit`` the oldest entries go."""
         keys = keys.to(self.keys.device)
-        seen: set[int] = set()
-        fresh = []
-        known = torch.isin(keys, self.keys)
-        for i, k in enumerate(keys.tolist()):
-            if not known[i] and k not in seen:
-                seen.add(k)
-                fresh.append(i)
-        if not fresh:
-            return 0
-        idx = torch.tensor(fresh, device=features.device)
-        self.features = torch.cat([self.features, F.normalize(features[idx].float(), dim=1).to(self.features.device)])[-self.limit :]
-        self.labels = torch.cat([self.labels, labels[idx].to(self.labels.device, torch.uint8)])[-self.limit :]
-        self.keys = torch.cat([self.keys, keys[idx.to(keys.device)]])[-self.limit :]
+        feats = F.normalize(features.float(), dim=1).to(self.features.device)
+        labels = labels.to(self.labels.device, torch.uint8)
+        position = {k: i for i, k in enumerate(self.keys.tolist())}
+        last = {k: i for i, k in enumerate(keys.tolist())}  # the batch's last sample per key
+        old = [(position[k], i) for k, i in last.items() if k in position]
+        fresh = [i for k, i in last.items() if k not in position]
+        if old:
+            at, src = (torch.tensor(v, device=self.keys.device) for v in zip(*old))
+            self.features[at] = feats[src.to(feats.device)]
+            self.labels[at] = labels[src.to(labels.device)]
+        if fresh:
+            idx = torch.tensor(fresh, device=self.keys.device)
+            self.features = torch.cat([self.features, feats[idx.to(feats.device)]])[-self.limit :]
+            self.labels = torch.cat([self.labels, labels[idx.to(labels.device)]])[-self.limit :]
+            self.keys = torch.cat([self.keys, keys[idx]])[-self.limit :]
         return len(fresh)
 
     @torch.no_grad()
@@ -195,6 +220,8 @@ class FeatureBank(nn.Module):
 
 
 class UnivFD(Detector):
+    input_gradients = False  # the frozen encoder runs under no_grad: no gradient reaches the image
+
     def __init__(
         self,
         encoder: str = "tf_efficientnet_lite2",
@@ -315,11 +342,12 @@ class UnivFD(Detector):
     def forward(self, image: Tensor, batch: Mapping | None = None) -> DetectorOutput:
         x = self._geometry(image)
         fill_bank = self.mode == "knn" and self.training and batch is not None
-        keys = content_keys(x) if (fill_bank or self.feature_cache is not None) else None
+        keys = content_keys(x) if self.feature_cache is not None else None
         emb = self.embed(x, keys).to(image.device)
         if self.mode == "probe":
             return DetectorOutput(logit=self.probe(emb).squeeze(1), features=emb)
-        key_ints = torch.tensor([_key_to_int(k) for k in keys], dtype=torch.int64) if fill_bank else None
+        key_ints = _bank_keys(batch, x) if fill_bank else None
+        # leave-one-out: an image in training is never matched with its own entry
         score = self.bank.score(emb, self.knn_k, exclude_keys=key_ints)
         if fill_bank:
             labels = torch.as_tensor(batch["label"]).to(emb.device)

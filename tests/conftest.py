@@ -23,6 +23,10 @@ import unmask.core.config  # noqa: E402  (the ${unmask_root:} resolver and the c
 # Tests run tiny tensors on a few shared cores: a second intra-op thread only adds
 # contention (a 32 px EfficientNet batch measured 25x slower with 2 threads under load).
 torch.set_num_threads(1)
+# scoring.runtime=auto exports every new checkpoint to ONNX on the CPU: with the tracing
+# exporter (0.5 s against 6-15 s for dynamo's on 2 loaded cores; the graphs score alike),
+# here and in the subprocesses.
+os.environ.setdefault("UNMASK_ONNX_EXPORTER", "torchscript")
 # Subprocesses started by tests (python infer.py ...) inherit this.
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 

@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data", "detectors", "unmask")
 # Lowest first: each may import the ground floor and the layers before it.
 LAYERS = ("core", "reports", "scoring", "explain", "evaluation", "robustness", "audit", "service", "tasks")
+# Package-level command modules (``python -m unmask.<name>``; ``cli``: the Hydra apps of the
+# console commands and the root scripts): thin, above every layer; no layer imports them.
+COMMANDS = ("slim", "cli", "leaderboard")
 ENTRY_SCRIPTS = ("train.py", "infer.py", "evaluate.py", "pretrain_osn.py", "audit.py", "serve.py")
 
 
@@ -68,7 +71,7 @@ def layer_of(module: str) -> str | None:
 def test_unmask_subpackages_are_the_layers():
     found = {p.name for p in (ROOT / "unmask").iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert found == set(LAYERS), "a new sub-package needs its place in LAYERS"
-    loose = sorted(p.name for p in (ROOT / "unmask").glob("*.py") if p.name != "__init__.py")
+    loose = sorted(p.name for p in (ROOT / "unmask").glob("*.py") if p.name != "__init__.py" and p.stem not in COMMANDS)
     assert not loose, f"modules outside the layers: {loose}"
 
 
@@ -76,7 +79,7 @@ def test_layers_import_only_downwards():
     upward = []
     for module, deps in GRAPH.items():
         layer = layer_of(module)
-        if layer is None:
+        if layer is None or layer in COMMANDS:
             continue
         allowed = set(LAYERS[: LAYERS.index(layer) + 1])
         upward += [f"{module} -> {d}" for d in deps if layer_of(d) is not None and layer_of(d) not in allowed]
@@ -120,5 +123,15 @@ def test_entry_scripts_are_thin(script):
     code = [line for line in path.read_text().splitlines() if line.strip() and not line.strip().startswith("#")]
     assert len(code) <= 25, f"{script} has {len(code)} lines of code: move the work into unmask/tasks/"
     modules = {m for m in imported_modules(path, set(GRAPH)) if m.startswith("unmask")}
-    assert modules <= {"unmask.core.config"} | {m for m in GRAPH if m.startswith("unmask.tasks.")}
-    assert any(m.startswith("unmask.tasks.") for m in modules), f"{script} calls no task"
+    # a task, or the Hydra app it shares with its console command (unmask.cli, which calls the task)
+    assert modules <= {"unmask.core.config", "unmask.cli"} | {m for m in GRAPH if m.startswith("unmask.tasks.")}
+    assert any(m.startswith("unmask.tasks.") or m == "unmask.cli" for m in modules), f"{script} calls no task"
+
+
+@pytest.mark.parametrize("app", ["train", "infer", "evaluate"])
+def test_console_apps_only_call_their_task(app):
+    """unmask/cli.py is as thin as the scripts: each app imports its task's module, nothing else of the package."""
+    tree = ast.parse((ROOT / "unmask" / "cli.py").read_text())
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == app)
+    assert {n.module for n in ast.walk(function) if isinstance(n, ast.ImportFrom)} == {f"unmask.tasks.{app}"}
+    assert len(function.body) <= 4

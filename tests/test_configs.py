@@ -104,7 +104,7 @@ def _check_instantiates(group: str, option: str, cfg: DictConfig, tmp: Path) -> 
         from unmask.core.schemas import ScoringConfig, options
 
         scoring = options(node)
-        assert isinstance(scoring, ScoringConfig) and scoring.runtime in ("torch", "onnx")
+        assert isinstance(scoring, ScoringConfig) and scoring.runtime in ("auto", "torch", "onnx")
     elif group == "video":
         from unmask.scoring.combine import VideoOptions
 

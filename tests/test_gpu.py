@@ -31,7 +31,8 @@ def records(tiny_run):
 
 def test_cuda_scoring_with_amp_matches_cpu(tiny_ckpt, records):
     cpu = Scorer(load_detector(tiny_ckpt), ScoringConfig(device="cpu", num_workers=0, progress=False)).score(records).files
-    cuda = Scorer(load_detector(tiny_ckpt), ScoringConfig(device="cuda", amp=True, num_workers=2, progress=False)).score(records).files
+    # decode=cpu: this compares fp16 autocast alone (GPU decoding: tests/test_fast_default.py)
+    cuda = Scorer(load_detector(tiny_ckpt), ScoringConfig(device="cuda", amp=True, num_workers=2, decode="cpu", progress=False)).score(records).files
     assert cuda["path"].tolist() == cpu["path"].tolist()
     assert (cuda["prob"] - cpu["prob"]).abs().max() < 5e-3  # fp16 autocast against float32
     assert next(Scorer(load_detector(tiny_ckpt), ScoringConfig(device="cuda")).runtime.detector.parameters()).is_cuda

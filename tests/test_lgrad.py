@@ -195,11 +195,13 @@ def test_custom_source_from_a_state_dict_file_and_torchscript(tmp_path):
         assert torch.equal(a, b), k
     with pytest.raises(MissingWeightsError, match="does not exist"):
         _lgrad(_toy(), source_weights=str(tmp_path / "missing.pth"))
-    # A TorchScript export of a discriminator, through Hydra as the README documents.
+    # A TorchScript export of a discriminator, through Hydra as the README documents (a
+    # non-timm source declares its normalisation: issue 12 made that mandatory).
     scripted = tmp_path / "D_ts.pt"
     torch.jit.script(_toy(minibatch_std=False, seed=3)).save(str(scripted))
     det = instantiate(
-        {"_target_": "detectors.lgrad.LGrad", "source": {"_target_": "torch.jit.load", "f": str(scripted)}, "classifier": "resnet18", "pretrained": "none"}
+        {"_target_": "detectors.lgrad.LGrad", "source": {"_target_": "torch.jit.load", "f": str(scripted)}, "classifier": "resnet18", "pretrained": "none",
+         "source_mean": [0.5, 0.5, 0.5], "source_std": [0.5, 0.5, 0.5]}
     ).eval()
     x = torch.rand(3, 3, 16, 16)
     ref = _one_by_one(torch.jit.load(str(scripted)), det._source_input(x))

@@ -109,12 +109,16 @@ def test_localization_evaluator_end_to_end():
     per_image = loc.per_image
     assert list(per_image["path"]) == ["0.png", "1.png", "2.png"]
     assert list(per_image["f1"]) == [1.0, 1.0, 0.0]  # the real gets a false alarm
-    assert summary["n"] == 3 and summary["mask_from"] == "mask"
-    assert summary["f1"] == pytest.approx(2 / 3) and summary["score"] == pytest.approx(4 / 3)
+    # the headline is the forged images' (issue 12); the real is reported apart
+    assert summary["n"] == 2 and summary["mask_from"] == "mask"
+    assert summary["f1"] == 1.0 and summary["score"] == 2.0
+    assert summary["reals"] == {"n": 1, "clean_rate": 0.0, "marked_area": pytest.approx(16 / 64)}
+    assert summary["all"]["n"] == 3 and summary["all"]["score"] == pytest.approx(4 / 3)  # the mixed average
     assert summary["by_label"]["real"]["iou"] == 0.0 and summary["by_label"]["fake"]["iou"] == 1.0
     assert summary["pixel_auc"] < 1.0  # the real's false alarm ranks above true negatives
+    assert summary["pixel_auc_forged"] == 1.0  # on the forged images the square is exactly right
     md = render_localization_markdown(summary)
-    assert "## Localisation" in md and "self_blend" in md and "1.3333" in md
+    assert "## Localisation" in md and "self_blend" in md and "Forged images (2): score 2.0000" in md and "1.3333" in md
 
 
 def test_only_the_deciding_view_of_a_file_is_scored():

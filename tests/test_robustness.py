@@ -235,7 +235,8 @@ def test_logo_table_scores_both_models_on_reals_plus_the_held_out_fakes(tiny_run
     table = logo_table(tiny_run["ckpt"], {"transposed_conv": tiny_run["ckpt"]}, test, scoring)
     row = table.iloc[0]
     assert row["n_real"] == sum(r.label == 0 for r in test) and row["n_fake"] == sum(r.label == 1 for r in test)
-    assert row["acc_base"] == row["acc_heldout"] and row["d_g"] == 0.0
+    assert row["acc_base"] == row["acc_heldout"] and row["d_g_two_model"] == 0.0
+    assert row["n_fake_seen"] == 0 and math.isnan(row["d_g_spec"])  # one fake generator: nothing seen to compare with
     assert "| transposed_conv |" in render_logo_markdown(table)
     with pytest.raises(ValueError, match="no test fakes"):
         logo_table(tiny_run["ckpt"], {"stylegan2": tiny_run["ckpt"]}, test, scoring)

@@ -16,7 +16,7 @@ import torch
 
 from data.faces.blazeface import BlazeFaceDetector, load_state_dict
 from data.faces.facemesh import INPUT_SIZE as MESH_SIZE
-from data.faces.facemesh import LEFT_EYE, RIGHT_EYE, FaceMesh
+from data.faces.facemesh import LEFT_EYE, MESH_MIRROR, RIGHT_EYE, FaceMesh
 from data.faces.types import Face, FaceAnalyzer
 
 
@@ -134,6 +134,7 @@ class MeshFaceAnalyzer(FaceAnalyzer):
     name = "mesh"
     num_landmarks = 468
     eye_indices = (RIGHT_EYE, LEFT_EYE)  # contours averaged to eye centres (crop alignment)
+    mirror_indices = MESH_MIRROR  # left/right pairs of the mesh (data/faces/facemesh.py)
 
     def __init__(self, detector_weights: str | Path | None = None, anchors: str | Path | None = None,
                  mesh_weights: str | Path | None = None, min_score: float = 0.75, iou: float = 0.3,
@@ -194,6 +195,7 @@ class MtcnnFaceAnalyzer(FaceAnalyzer):
     name = "mtcnn"
     num_landmarks = 5
     eye_indices = ((0,), (1,))
+    mirror_indices = (1, 0, 2, 4, 3)  # the eyes swap, the nose stays, the mouth corners swap
 
     def __init__(self, min_score: float = 0.9, min_face_size: int = 20, max_faces: int = 8, device: str = "cpu",
                  max_side: int = 1024) -> None:

@@ -73,6 +73,11 @@ class FacePipeline:
     def eye_indices(self):
         return getattr(self.analyzer, "eye_indices", None)
 
+    @property
+    def mirror_indices(self) -> tuple[int, ...] | None:
+        """The analyser's left/right landmark pairs (a flip swaps them), or None."""
+        return getattr(self.analyzer, "mirror_indices", None)
+
     def _digest(self, path: str) -> str:
         digest = self._digests.get(path)
         if digest is None:

@@ -40,6 +40,10 @@ class FaceAnalyzer(ABC):
     name: str = "analyzer"
     num_landmarks: int = 0
     eye_indices: tuple | None = None  # (indices of one eye, of the other): crops can level them
+    # Left/right symmetry of the landmarks: after a horizontal flip, landmark i of the flipped
+    # face is landmark mirror_indices[i] of the original (data.augment applies it). None: the
+    # points have no anatomy (the template layout); a flip moves them and keeps their indices.
+    mirror_indices: tuple[int, ...] | None = None
 
     @abstractmethod
     def detect(self, rgb: np.ndarray) -> list[Face]: ...

@@ -16,10 +16,19 @@ its gradient, and ``after_backward`` (called by ``DetectionModule``) stores the 
 as a new memory entry, the ascent direction for later steps. Unlike the authors' code the
 memory is bounded (``xi_capacity`` entries, oldest dropped) and g is frozen.
 
+xi needs the gradient of the loss with respect to the detector's input. A detector that
+declares ``input_gradients = False`` (``lgrad``: gradient maps of a detached input;
+``univfd``/``univfd_knn``: a frozen encoder under ``no_grad``) is refused at construction
+unless ``xi_eps=0`` (predictable noise only; a checkpoint written before this rule still
+loads and scores, with a warning), and a detector that leaves xi without a gradient is
+stopped at the first training step with a message, instead of training silently with
+xi = 0.
+
 In eval mode (validation, evaluation, inference) images pass straight through.
 """
 from __future__ import annotations
 
+import logging
 import random
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -28,8 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detectors.backbones import pretrained_skipped
 from detectors.base import Detector, DetectorOutput, DetectorWrapper
 from detectors.diffjpeg import DiffJPEG
+
+log = logging.getLogger(__name__)
 
 
 class SignGradientMemory:
@@ -75,6 +87,16 @@ class OSNRobust(DetectorWrapper):
         super().__init__()
         if not isinstance(detector, Detector):
             raise TypeError(f"OSNRobust wraps a Detector, got {type(detector).__name__}")
+        if xi_eps > 0 and not detector.input_gradients and pretrained_skipped():
+            # restoring a checkpoint written before this check: it scores like its inner
+            # detector; training it further stops at the first step (after_backward)
+            log.warning("osn=robust around %s: no gradient reaches its input, xi stays 0 (set osn.xi_eps=0)", type(detector).__name__)
+        elif xi_eps > 0 and not detector.input_gradients:
+            raise ValueError(
+                f"osn=robust: {type(detector).__name__} passes no gradient to its input image (input_gradients=False), so "
+                f"the adversarial xi would stay 0. Set osn.xi_eps=0 to train with the predictable noise only "
+                f"(resize, simulator, JPEG), or wrap a detector whose loss reaches its input"
+            )
         self.detector = detector
         self.simulator = simulator
         if simulator is not None:
@@ -129,7 +151,14 @@ class OSNRobust(DetectorWrapper):
         return self.detector  # the attribute name is part of old checkpoints' state-dict keys
 
     def after_backward(self) -> None:
-        if self._xi is not None and self._xi.grad is not None:
+        if self._xi is not None:
+            if self._xi.grad is None:
+                self._xi = None
+                raise RuntimeError(
+                    f"osn=robust: the training backward left xi without a gradient: {type(self.detector).__name__} "
+                    f"passes no gradient to its input. Declare input_gradients = False on it (detectors/base.py) "
+                    f"and train with osn.xi_eps=0"
+                )
             self.memory.push(self._xi.grad)
         self._xi = None
         self.detector.after_backward()

@@ -18,10 +18,17 @@ unchanged (``TARGET_ALIASES``).
 A checkpoint is data, never code: it is read with ``torch.load(weights_only=True)`` (tensors,
 numbers, strings, containers; no pickled objects), only from a local file, and its stored
 config may only build the classes ``unmask.core.trusted_targets`` allows.
+
+A *slim* checkpoint (``python -m unmask.slim CKPT OUT``, ``unmask.core.slim``) is a
+``.safetensors`` file: the detector's tensors (fp32, or fp16 with ``--fp16``) and, as
+safetensors metadata (JSON strings), the run config, the threshold and how it was chosen; no
+optimizer state, nothing pickled. ``read_checkpoint`` dispatches on the suffix and returns the
+same dict shape for both.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import pickle
@@ -87,18 +94,52 @@ class CheckpointError(ValueError):
 
 
 EXPECTED = "a .ckpt written by train.py (checkpoints/best.ckpt or last.ckpt)"
+SLIM_SUFFIX = ".safetensors"
+EXPECTED_SLIM = "a .safetensors written by `python -m unmask.slim CKPT OUT`"
+SLIM_KEYS = ("run_config", "threshold", "threshold_from")  # metadata entries, each a JSON string
+
+
+def read_slim(path: Path) -> dict:
+    """A ``.safetensors`` slim checkpoint as the dict ``read_checkpoint`` returns: its tensors
+    under ``state_dict``, its metadata (JSON strings) as the ``unmask`` section. Nothing is
+    unpickled; a corrupt or foreign file is a ``CheckpointError`` naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ValueError... for a bad file
+        reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {reason}); expected {EXPECTED_SLIM}") from None
+    if "unmask_format" not in meta:
+        raise CheckpointError(f"{path}: a safetensors file without unmask metadata (run config, threshold); expected {EXPECTED_SLIM}")
+    section = {}
+    for key in SLIM_KEYS:
+        try:
+            section[key] = json.loads(meta[key])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: its metadata entry {key!r} is missing or not JSON ({e}); expected {EXPECTED_SLIM}") from None
+    try:
+        section["format"] = int(meta["unmask_format"])
+    except ValueError:
+        raise CheckpointError(f"{path}: its unmask_format {meta['unmask_format']!r} is not a number; expected {EXPECTED_SLIM}") from None
+    return {"state_dict": state, "unmask": section}
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The checkpoint dict at ``path``, loaded as data (``weights_only``): a file that needs
-    unpickling code, a remote URL, or anything that is not an unmask checkpoint is refused."""
+    """The checkpoint dict at ``path``, loaded as data (``weights_only``; a ``.safetensors``
+    slim file through ``read_slim``): a file that needs unpickling code, a remote URL, or
+    anything that is not an unmask checkpoint is refused."""
     if "://" in str(path):
         raise CheckpointError(f"{path}: checkpoints are read from local files only (download it first, and only if you trust it)")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found; pass ckpt=outputs/train/<run>/checkpoints/best.ckpt")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes); expected {EXPECTED}")
+        raise CheckpointError(f"{path}: empty file (0 bytes); expected {EXPECTED_SLIM if path.suffix == SLIM_SUFFIX else EXPECTED}")
+    if path.suffix.lower() == SLIM_SUFFIX:
+        return _checked(read_slim(path), path, EXPECTED_SLIM)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -113,10 +154,15 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ValueError... for a bad file
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e}); expected {EXPECTED}") from None
+    return _checked(ckpt, path, EXPECTED)
+
+
+def _checked(ckpt, path: Path, expected: str) -> dict:
+    """``ckpt`` when it has the shape of an unmask checkpoint (a state dict and a run config)."""
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("unmask"), dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise CheckpointError(f"{path}: not an unmask checkpoint (no run config and state dict inside); expected {EXPECTED}")
+        raise CheckpointError(f"{path}: not an unmask checkpoint (no run config and state dict inside); expected {expected}")
     if not isinstance(ckpt["unmask"].get("run_config"), dict):
-        raise CheckpointError(f"{path}: its unmask section has no run_config; expected {EXPECTED}")
+        raise CheckpointError(f"{path}: its unmask section has no run_config; expected {expected}")
     return ckpt
 
 

@@ -2,6 +2,8 @@
 groups, and small instantiation helpers."""
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,25 @@ from unmask.core import schemas
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
 
+
+def safe_dirname(*parts: Any, limit: int = 120) -> str:
+    """A folder name of the non-empty ``parts`` joined by ``_`` (a sweep job's number and its
+    overrides, Hydra's ``override_dirname``) that a command line can name again
+    (``ckpt=<sweep>/<job>/checkpoints/best.ckpt``): Hydra's override parser stops at ``=``,
+    ``,``, brackets, quotes, ``~``..., so ``=`` becomes ``-``, ``,`` becomes ``_`` and any other
+    character but letters, digits, ``. _ + -`` a ``.``; a name longer than ``limit`` is cut and
+    ends in a hash of the whole."""
+    text = "_".join(str(p) for p in parts if str(p))
+    name = re.sub(r"[^A-Za-z0-9._+-]", ".", text.replace("=", "-").replace(",", "_"))
+    name = re.sub(r"\.{2,}", ".", name)
+    if len(name) > limit:
+        name = name[: limit - 9] + "." + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return name
+
 if not OmegaConf.has_resolver("unmask_root"):
     OmegaConf.register_new_resolver("unmask_root", lambda: str(PROJECT_ROOT))
+if not OmegaConf.has_resolver("unmask_dirname"):  # configs/hydra/default.yaml: sweep folder names
+    OmegaConf.register_new_resolver("unmask_dirname", safe_dirname)
 schemas.register()
 
 

@@ -31,13 +31,18 @@ def _valid(labels, scores) -> tuple[np.ndarray, np.ndarray]:
 
 
 def equal_error_rate(labels, scores) -> float:
+    """The rate where FPR = FNR on the ROC curve taken as the polyline through its operating
+    points (a randomised threshold reaches every point between two of them), found by
+    linear interpolation on the segment where FNR - FPR changes sign. The nearest ROC
+    vertex alone is off by up to half a step (1 / (2 n_class))."""
     labels, scores = _valid(labels, scores)
     if len(np.unique(labels)) < 2:
         return math.nan
-    fpr, tpr, _ = roc_curve(labels, scores)
-    fnr = 1.0 - tpr
-    i = int(np.nanargmin(np.abs(fnr - fpr)))
-    return float((fpr[i] + fnr[i]) / 2.0)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    gap = (1.0 - tpr) - fpr  # FNR - FPR: from 1 at (0, 0) down to -1 at (1, 1), never rising
+    i = int(np.flatnonzero(gap > 0)[-1])  # the last point with FNR > FPR; the next has FNR <= FPR
+    t = gap[i] / (gap[i] - gap[i + 1])
+    return float(fpr[i] + t * (fpr[i + 1] - fpr[i]))
 
 
 def recall_at_real_pass_rate(labels, scores, pass_rate: float = REAL_PASS_RATE) -> float:

@@ -49,6 +49,12 @@ class DetectionModule(pl.LightningModule):
         # Chosen on validation each epoch, so every checkpoint carries its own epoch's; after
         # training the scorer chooses the selected checkpoint's again (scoring.calibration).
         self.threshold = 0.5
+        # The validation metrics of the epoch being checkpointed (``unmask.validation``): a
+        # sweep's leaderboard reads the selected checkpoint's, not the last epoch's.
+        self.validation: dict[str, float] = {}
+        # Where the run came from (``unmask.core.provenance``), set by the training task: plain
+        # data, stored in every checkpoint as ``unmask.provenance``.
+        self.provenance: dict = {}
         self._val = {"prob": CatMetric(), "label": CatMetric()}
         for name, metric in self._val.items():
             self.add_module(f"val_{name}", metric)
@@ -56,7 +62,11 @@ class DetectionModule(pl.LightningModule):
     def forward(self, image: torch.Tensor, batch: dict | None = None):
         return self.detector(image, batch)
 
-    def on_fit_start(self) -> None:
+    def configure_model(self) -> None:
+        """The memory layout is set before the strategy wraps the model: DDP registers its
+        gradient buckets with the parameters' strides, and a layout changed after that (as
+        ``on_fit_start`` did) makes every step copy gradients ("Grad strides do not match
+        bucket view strides")."""
         self.detector.to(memory_format=self.memory_format)
 
     def _step_loss(self, batch: dict, stage: str) -> tuple[torch.Tensor, Any]:
@@ -93,10 +103,12 @@ class DetectionModule(pl.LightningModule):
         threshold = choose_threshold(labels, probs, self.threshold_policy)
         self.threshold = float(threshold)
         metrics = binary_metrics(labels, probs, threshold)
+        self.validation = {"epoch": int(self.current_epoch), "n": int(len(labels))}
         for key in ("auc", "ap", "acc", "balanced_acc", "eer", "recall_at_90_real_pass", "threshold"):
-            value = metrics[key]
+            value = float(metrics[key])
             # Never hand NaN to checkpoint/early-stopping monitors (one-class validation).
             self.log(f"val/{key}", 0.0 if math.isnan(value) else value, prog_bar=key in ("auc", "acc"))
+            self.validation[f"val/{key}"] = value
 
     def configure_optimizers(self):
         params = [p for p in self.detector.parameters() if p.requires_grad]
@@ -137,6 +149,8 @@ class DetectionModule(pl.LightningModule):
             "run_config": self.run_config,
             "threshold": float(self.threshold),
             "threshold_from": f"validation of epoch {epoch} in the training loop ({self.threshold_policy}, one sample per file)",
+            "validation": dict(self.validation),  # this epoch's validation metrics (val/auc...)
+            "provenance": self.provenance,  # git commit, package versions, data hash (unmask.core.provenance)
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -1,10 +1,20 @@
-"""Typed schemas of the config groups that shape scoring (and the audit), registered in Hydra's ConfigStore.
+"""Typed schemas of the config groups a user sets by hand, registered in Hydra's ConfigStore.
 
-``configs/scoring/default.yaml``, ``configs/explain/gallery.yaml`` and ``configs/audit/default.yaml`` extend them
-(``defaults: [<group>_schema, _self_]``), so a wrong type or an unknown choice fails when
-the config is composed, naming the key (``scoring.batch_size=abc``, ``scoring.runtime=tf``).
-Range checks run in ``__post_init__`` when a task turns the node into its dataclass
-(``options(cfg.scoring)``), before any work starts.
+Every option file of these groups extends its schema (``defaults: [<name>_schema, _self_]``),
+so a wrong type fails when the config is composed, naming the key (``data.batch_size=abc``,
+``optimizer.lr=fast``, ``scoring.runtime=tf``), and so does a misspelt key
+(``scoring.batchsize=8``). Range checks run where the node becomes its object: in
+``__post_init__`` when a task turns a node into its dataclass (``options(cfg.scoring)``), and
+in the constructors of the ``_target_`` classes (``data.batch_size=0``, ``faces.margin=5``),
+before any work starts.
+
+Groups whose nodes are ``_target_`` instantiations (data, canonical, faces, augment, video,
+optimizer) get a *closed* schema of the target's common keys, typed, with the target's own
+defaults (so a key an option leaves out means what the constructor means). What varies per
+option sits in one untyped sub-node (``data.source``, ``faces.analyzer``, the items of
+``augment.transforms``), which keeps any key its ``_target_`` takes. OmegaConf can type a
+node or leave it open, not both (its Dict-subclass escape hatch is deprecated), so this is the
+split it supports cleanly. A new constructor argument set in a YAML file needs its field here.
 """
 from __future__ import annotations
 
@@ -14,14 +24,21 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from unmask.core.metrics import THRESHOLD_POLICIES, parse_threshold
 
 
 class Runtime(str, Enum):
+    auto = "auto"  # the fastest exact one for this detector and device (unmask.scoring.choice)
     torch = "torch"  # eager PyTorch (optionally torch.compile)
     onnx = "onnx"  # ONNX Runtime on an exported graph
+
+
+class Decode(str, Enum):
+    auto = "auto"  # gpu on CUDA with the eager runtime, else cpu
+    cpu = "cpu"  # DataLoader workers decode and canonicalise
+    gpu = "gpu"  # JPEGs decoded and canonicalised in batches on the scoring GPU (torchvision/nvjpeg)
 
 
 ThresholdPolicy = Enum("ThresholdPolicy", {p: p for p in THRESHOLD_POLICIES}, type=str)
@@ -42,11 +59,12 @@ class ScoringConfig:
     """How a checkpoint is scored: by infer.py, evaluate.py, the training run's test step and
     threshold, the robustness grid and the generalization study alike."""
 
-    batch_size: int = 64  # files per batch (with faces each file brings its views)
-    num_workers: int = 2  # DataLoader workers decoding beside the model
+    batch_size: int | None = None  # files per batch (with faces each file brings its views); null: 64 on CPU, 256 on a GPU
+    num_workers: int | None = None  # DataLoader workers decoding beside the model; null: sized from the machine
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     amp: bool = True  # fp16 autocast on CUDA
-    runtime: Runtime = Runtime.torch
+    runtime: Runtime = Runtime.auto
+    decode: Decode = Decode.auto  # where image files are decoded and canonicalised (cpu workers or the GPU)
     onnx_model: str | None = None  # runtime=onnx: an exported file; null: <ckpt>.onnx, exported on first use
     compile: bool = False  # runtime=torch: torch.compile the detector
     # The decision threshold: null = the checkpoint's (chosen on validation); a number in
@@ -72,21 +90,22 @@ class ScoringConfig:
         return bool(self.stream) or self.devices != 1 or int(self.num_nodes) != 1 or self.strategy != "auto"
 
     def __post_init__(self) -> None:
-        if isinstance(self.batch_size, bool) or int(self.batch_size) < 1:
-            raise ValueError(f"scoring.batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if isinstance(self.num_workers, bool) or int(self.num_workers) < 0:
-            raise ValueError(f"scoring.num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or int(self.batch_size) < 1):
+            raise ValueError(f"scoring.batch_size must be an integer >= 1 (or null: from the device), got {self.batch_size!r}")
+        if self.num_workers is not None and (isinstance(self.num_workers, bool) or int(self.num_workers) < 0):
+            raise ValueError(f"scoring.num_workers must be an integer >= 0 (or null: from the machine), got {self.num_workers!r}")
         if not _DEVICE.match(str(self.device)):
             raise ValueError(f"scoring.device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}")
         # Plain strings from here on (the enums did their job at composition).
         self.runtime = Runtime(self.runtime).value
+        self.decode = Decode(self.decode).value
         self.threshold_policy = ThresholdPolicy(self.threshold_policy).value
         try:
             parse_threshold(self.threshold)
         except ValueError as e:
             raise ValueError(f"scoring.threshold: {e}") from None
-        if self.compile and self.runtime != "torch":
-            raise ValueError("scoring.compile=true needs scoring.runtime=torch")
+        if self.compile and self.runtime == "onnx":
+            raise ValueError("scoring.compile=true needs scoring.runtime=torch (or auto)")
         if self.accelerator not in ACCELERATORS:
             raise ValueError(f"scoring.accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}")
         devices = str(self.devices).strip()
@@ -149,16 +168,139 @@ class AuditConfig:
         self.detectors = [str(d) for d in self.detectors]
 
 
-SCHEMAS = {"scoring": ScoringConfig, "explain": ExplainConfig, "audit": AuditConfig}
+# ---- groups instantiated by their _target_ ------------------------------------------------
+# Defaults are the constructors' own; the option files set what they mean to.
+MAX_PIXELS = 100_000_000  # data.decode.DEFAULT_MAX_PIXELS (not imported: composing imports no data code)
+
+
+@dataclass
+class DataConfig:
+    """``configs/data``: ``data.datamodule.FaceDataModule`` and its record source."""
+
+    _target_: str = "data.datamodule.FaceDataModule"
+    source: Any = MISSING  # {_target_: a record source of data/records.py, its own keys}
+    image_size: int = 128  # the model's input side (canonical.size follows it)
+    canonical: Any = None  # ${canonical}
+    faces: Any = None  # ${faces}
+    batch_size: int = 32  # training batch size
+    eval_batch_size: int | None = None  # validation / test batch size; null: batch_size
+    num_workers: int = 2  # DataLoader workers
+    split_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.7, 0.15, 0.15])  # train, val, test without a split column
+    split_seed: int = 0
+    cache_images: bool = True  # keep resized images in memory after the first epoch
+    draft_decode: bool = True  # JPEG draft mode for large files (faster decode)
+    max_pixels: int = MAX_PIXELS  # larger images are refused as decompression bombs
+    train_generators: list[str] | None = None  # fakes kept in train/val (reals always kept)
+    test_generators: list[str] | None = None
+    train_sources: list[str] | None = None
+    test_sources: list[str] | None = None
+    limit_per_split: int | None = None  # at most N files per split (seeded, class-balanced)
+
+
+@dataclass
+class CanonicalConfig:
+    """``configs/canonical``: ``data.canonical.Canonicalizer`` (shortcut removal)."""
+
+    _target_: str = "data.canonical.Canonicalizer"
+    reencode: bool = True
+    size: int = 128
+    resize: str = "short_side"  # short_side | square | none (checked by the class, naming the key)
+    scale_jitter: float = 0.15
+    train_jpeg_quality: list[int] | None = dataclasses.field(default_factory=lambda: [65, 100])
+    eval_jpeg_quality: int | None = 92
+    grayscale_p: float = 0.0
+    train_reencode_before_jitter: bool = True
+    resize_size: int | None = None
+    crop_align: int = 1
+
+
+@dataclass
+class FacesConfig:
+    """``configs/faces`` (every option but ``none``): ``data.faces.pipeline.FacePipeline``."""
+
+    _target_: str = "data.faces.pipeline.FacePipeline"
+    analyzer: Any = MISSING  # {_target_: a face analyser of data/faces, its own keys}
+    crop: bool = True
+    margin: float = 0.3
+    align: bool = False
+    max_faces: int = 4
+    min_score: float = 0.0
+    min_face_px: float = 12.0
+    whole_image: bool = True
+    train_whole_image_p: float = 0.2
+    face_combine: str = "max"  # max | mean (checked by the class)
+    image_combine: str = "max"  # max | mean | faces
+    cache_dir: str | None = None
+    save_every: int = 500
+    max_pixels: int = MAX_PIXELS
+
+
+@dataclass
+class AugmentConfig:
+    """``configs/augment`` options that are one ``albumentations.Compose``: each transform is its
+    own ``{_target_, p, ...}`` node (albumentations checks their keys when it builds them)."""
+
+    _target_: str = "albumentations.Compose"
+    transforms: list[Any] = dataclasses.field(default_factory=list)
+    p: float = 1.0
+
+
+@dataclass
+class FrameSamplerConfig:
+    _target_: str = "data.video.FrameSampler"
+    num_frames: int | None = 16
+    fps: float | None = None
+    max_frames: int = 64
+
+
+@dataclass
+class AggregateConfig:
+    _target_: str = "unmask.scoring.combine.ScoreAggregator"
+    method: str = "mean"  # mean | max | topk_mean (checked by the class)
+    top_k: int = 3
+
+
+@dataclass
+class VideoConfig:
+    """``configs/video``: frame sampling and aggregation for video files."""
+
+    sampler: FrameSamplerConfig = dataclasses.field(default_factory=FrameSamplerConfig)
+    aggregate: AggregateConfig = dataclasses.field(default_factory=AggregateConfig)
+    id_column: str = "video_id"
+    face_crops: Any = None  # a _target_ called on each frame, returning face crops; null: the whole frame
+
+
+@dataclass
+class OptimizerConfig:
+    """``configs/optimizer`` (Adam, AdamW): a ``_partial_`` torch optimiser factory; the
+    defaults are torch's (AdamW's weight decay is set by its file)."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = MISSING
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+
+
+SCHEMAS = {
+    "scoring": ScoringConfig, "explain": ExplainConfig, "audit": AuditConfig, "data": DataConfig, "canonical": CanonicalConfig,
+    "faces": FacesConfig, "augment": AugmentConfig, "video": VideoConfig, "optimizer": OptimizerConfig,
+}
 
 
 def register() -> None:
-    """Store every schema as ``<group>/<group>_schema`` (idempotent)."""
+    """Store every schema as ``<group>/<group>_schema`` (idempotent), and the ``unmask_help``
+    resolver of the entry points' ``--help`` (``unmask.core.cli_help``)."""
     from hydra.core.config_store import ConfigStore
+
+    from unmask.core import cli_help
 
     store = ConfigStore.instance()
     for group, node in SCHEMAS.items():
         store.store(group=group, name=f"{group}_schema", node=node)
+    cli_help.register_resolver()
 
 
 def options(node: Any):

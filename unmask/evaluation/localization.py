@@ -9,11 +9,15 @@ and the ground truth at 0.5; then
 - the challenge score = mean F1 + mean IoU over images (range 0..2),
 - pixel AUC: ROC AUC (scikit-learn) over a fixed-seed subsample of pixels of all images.
 
-Convention for empty masks (ours; no challenge rule was found to cite): when both the
-ground truth and the prediction are empty (a real image correctly left unmarked) F1 = IoU = 1;
-when the ground truth is empty but something is predicted, TP = 0 so both are 0; the same
-holds for a forged image with an empty prediction. Reals therefore count, and a detector
-that marks pixels on reals is penalised.
+**The headline counts forged images only** (label 1 with a ground-truth mask): mean F1, IoU
+and their sum over them. Reals are reported beside it, never mixed in: the share of reals
+left unmarked (``reals.clean_rate``) and their mean marked area. Per image, when both the
+ground truth and the prediction are empty (a real correctly left unmarked) F1 = IoU = 1, and
+when the ground truth is empty but something is predicted both are 0; averaged into the
+headline, such 1s would let a detector that marks nothing score well wherever reals are
+many (``all`` keeps that mixed average, for comparison only). Pixel AUC pools the pixels of
+every image with a ground truth (the reals' pixels are negatives); ``pixel_auc_forged`` pools
+the forged images' only.
 """
 from __future__ import annotations
 
@@ -70,34 +74,57 @@ def pixel_auc(pred_prob, gt, max_pixels: int | None = 200_000, seed: int = 0) ->
     return float(roc_auc_score(labels, scores))
 
 
-def summarise(per_image: pd.DataFrame, auc: float, threshold: float, mask_from: str) -> dict:
+def summarise(per_image: pd.DataFrame, auc: float, threshold: float, mask_from: str, auc_forged: float = math.nan) -> dict:
+    """The localisation summary: the headline (``n``, ``f1``, ``iou``, ``score``) over forged
+    images only; ``reals`` (share left unmarked, mean marked area); ``all`` (forged and reals
+    mixed, the convention before issue 12); per label and per generator."""
     def block(df: pd.DataFrame) -> dict:
         return {"n": int(len(df)), "f1": float(df["f1"].mean()), "iou": float(df["iou"].mean()),
                 "score": float(df["f1"].mean() + df["iou"].mean())} if len(df) else {"n": 0}
 
+    forged = per_image[per_image["label"] == 1]
+    reals = per_image[per_image["label"] == 0]
+    real_block = {"n": int(len(reals))}
+    if len(reals):
+        marked = reals["pred_area"] if "pred_area" in reals else 1.0 - reals["f1"]
+        real_block.update(clean_rate=float((marked == 0).mean()), marked_area=float(marked.mean()))
     return {
         "threshold": float(threshold),
         "mask_from": mask_from,
         "pixel_auc": auc,
-        **block(per_image),
+        "pixel_auc_forged": auc_forged,
+        **block(forged),
+        "reals": real_block,
+        "all": block(per_image),
         "by_label": {("fake" if k == 1 else "real" if k == 0 else str(k)): block(g) for k, g in per_image.groupby("label")},
         "by_generator": {str(k): block(g) for k, g in per_image.groupby("generator")},
     }
 
 
 def render_localization_markdown(summary: dict) -> str:
-    if not summary.get("n"):
+    everything = summary.get("all", summary)
+    if not everything.get("n"):
         return "## Localisation\n\nNo image with a ground-truth mask was scored.\n"
 
+    reals = summary.get("reals", {})
+    forged = (f"Forged images ({summary['n']}): score {fmt(summary['score'])}, F1 {fmt(summary['f1'])}, "
+              f"IoU {fmt(summary['iou'])}, pixel AUC {fmt(summary.get('pixel_auc_forged'))}"
+              if summary.get("n") else "Forged images: none with a ground-truth mask")
     lines = [
         "## Localisation",
         "",
-        f"Predicted {summary['mask_from']} binarised at {summary['threshold']:.2f}; per-image F1 and IoU, averaged. "
-        "Score = F1 + IoU (0..2). An image with an empty ground truth and an empty prediction counts F1 = IoU = 1. "
-        "Pixel AUC over a fixed-seed pixel subsample.",
+        f"Predicted {summary['mask_from']} binarised at {summary['threshold']:.2f}; per-image F1 and IoU, averaged "
+        "over forged images only. Score = F1 + IoU (0..2). Reals are reported apart: the share left unmarked "
+        "(an empty ground truth and an empty prediction) and their mean marked area. "
+        "Pixel AUC over a fixed-seed pixel subsample (all images: reals' pixels are negatives).",
         "",
-        f"Overall ({summary['n']} images): score {fmt(summary['score'])}, F1 {fmt(summary['f1'])}, "
-        f"IoU {fmt(summary['iou'])}, pixel AUC {fmt(summary['pixel_auc'])}",
+        forged,
+        "",
+        (f"Reals ({reals['n']}): {fmt(reals.get('clean_rate'))} left unmarked, mean marked area {fmt(reals.get('marked_area'))}"
+         if reals.get("n") else "Reals: none with a ground truth"),
+        "",
+        f"All images ({everything['n']}, reals counting F1 = IoU = 1 when left unmarked): score {fmt(everything['score'])}, "
+        f"pixel AUC {fmt(summary['pixel_auc'])}",
         "",
         markdown_table(
             ["group", "n", "score", "F1", "IoU"],
@@ -126,6 +153,7 @@ class Localization(Evaluator):
         self.rows: list[pd.DataFrame] = []
         self.sample_p: list[np.ndarray] = []
         self.sample_g: list[np.ndarray] = []
+        self.sample_forged: list[np.ndarray] = []  # per subsampled pixel: is its image forged
         self.mask_from = "none"
         self.per_image = pd.DataFrame()
 
@@ -154,13 +182,16 @@ class Localization(Evaluator):
         pick = np.stack([self.rng.choice(flat_p.shape[1], size=k, replace=False) for _ in range(len(idx))])
         self.sample_p.append(np.take_along_axis(flat_p, pick, 1).ravel())
         self.sample_g.append(np.take_along_axis(flat_g, pick, 1).ravel())
+        self.sample_forged.append(np.repeat(torch.as_tensor(batch["label"])[idx].numpy() == 1, k))
 
     def compute(self, scores: Scores, threshold: float) -> dict | None:
         if not self.rows:
             return {"n": 0, "mask_from": self.mask_from}
         self.per_image = pd.concat(self.rows, ignore_index=True)
-        auc = pixel_auc(np.concatenate(self.sample_p), np.concatenate(self.sample_g), max_pixels=None)
-        return summarise(self.per_image, auc, self.mask_threshold, self.mask_from)
+        p, g, forged = np.concatenate(self.sample_p), np.concatenate(self.sample_g), np.concatenate(self.sample_forged)
+        auc = pixel_auc(p, g, max_pixels=None)
+        auc_forged = pixel_auc(p[forged], g[forged], max_pixels=None) if forged.any() else math.nan
+        return summarise(self.per_image, auc, self.mask_threshold, self.mask_from, auc_forged)
 
     def markdown(self, result: dict) -> str:
         return render_localization_markdown(result)

@@ -16,26 +16,220 @@ from data.io import atomic_save_figure  # noqa: E402
 from data.sample import usable_rows  # noqa: E402
 
 
-def plot_roc(df: pd.DataFrame, path: str | Path) -> None:
-    """ROC of every usable row, and one curve per generator (its fakes against all reals)."""
-    from sklearn.metrics import roc_curve
+def _text(value, limit: int = 32) -> str:
+    """A name as plot text: shortened, and ``$`` escaped (matplotlib would read mathtext)."""
+    text = " ".join(str(value).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("$", r"\$")
 
+
+def _curves(df: pd.DataFrame):
+    """(name, labels, scores) of the curves a ROC / DET plot draws: every usable row, then
+    one per generator (its fakes against all reals) when there are several."""
     scored = df[usable_rows(df)] if len(df) else df
-    fig, ax = plt.subplots(figsize=(5, 5))
-    if scored["label"].nunique() == 2:
-        fpr, tpr, _ = roc_curve(scored["label"], scored["prob"])
-        ax.plot(fpr, tpr, label="all")
-        reals = scored[scored["label"] == 0]
-        for gen, part in scored[scored["label"] == 1].groupby("generator"):
+    if not len(scored) or scored["label"].nunique() < 2:
+        return []
+    curves = [("all", scored["label"].to_numpy(), scored["prob"].to_numpy())]
+    reals = scored[scored["label"] == 0]
+    fakes = scored[scored["label"] == 1]
+    if fakes["generator"].nunique() > 1:
+        for gen, part in fakes.groupby("generator"):
             both = pd.concat([reals, part])
-            f, t, _ = roc_curve(both["label"], both["prob"])
-            ax.plot(f, t, lw=1, alpha=0.7, label=str(gen))
+            curves.append((str(gen), both["label"].to_numpy(), both["prob"].to_numpy()))
+    return curves
+
+
+def _no_curve(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what}: the split needs real and fake files", ha="center", va="center", fontsize=8, transform=ax.transAxes)
+
+
+def plot_roc(df: pd.DataFrame, path: str | Path) -> Path:
+    """ROC of every usable row, and one curve per generator (its fakes against all reals);
+    the legend gives each curve's AUC and n (scikit-learn's ``RocCurveDisplay``)."""
+    from sklearn.metrics import RocCurveDisplay
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    curves = _curves(df)
+    for i, (name, y, p) in enumerate(curves):
+        RocCurveDisplay.from_predictions(
+            y, p, name=f"{_text(name)} (n={len(y)})", ax=ax, curve_kwargs={"lw": 2.0 if i == 0 else 1.0, "alpha": 1.0 if i == 0 else 0.8},
+        )
+    if not curves:
+        _no_curve(ax, "ROC")
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.axvline(0.1, color="grey", lw=0.6, ls="--")  # 90 % real pass rate
-    ax.set(xlabel="false positive rate (reals flagged)", ylabel="true positive rate (fakes caught)", title="ROC")
-    ax.legend(fontsize=7, loc="lower right")
-    atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
+    ax.set(xlabel="false positive rate (reals flagged)", ylabel="true positive rate (fakes caught)", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    if curves:
+        ax.legend(fontsize=7, loc="lower right")
+    out = atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+    return out
+
+
+def plot_det(df: pd.DataFrame, path: str | Path) -> Path:
+    """DET curves (miss rate against false alarm rate on normal-deviate axes, scikit-learn's
+    ``DetCurveDisplay``), the same curves as ``plot_roc``, AUC and n in the legend."""
+    from sklearn.metrics import DetCurveDisplay, roc_auc_score
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    curves = _curves(df)
+    for i, (name, y, p) in enumerate(curves):
+        DetCurveDisplay.from_predictions(y, p, name=f"{_text(name)} (AUC {roc_auc_score(y, p):.3f}, n={len(y)})", ax=ax, lw=2.0 if i == 0 else 1.0)
+    if not curves:
+        _no_curve(ax, "DET curve")
+    ax.set(title="DET", xlabel="false positive rate (reals flagged)", ylabel="false negative rate (fakes missed)")
+    if curves:
+        ax.legend(fontsize=7, loc="upper right")
+    ax.grid(alpha=0.3)
+    out = atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_group_bars(groups: Mapping[str, Mapping[str, Mapping]], path: str | Path, small_n: int = 30) -> Path:
+    """One panel per breakdown (``{"by source": {name: metrics}, "by generator": ...}``):
+    accuracy and AUC per group as horizontal bars with their 95 % intervals
+    (``acc_ci_low/high``, ``auc_ci_low/high``); groups under ``small_n`` files hatched, their
+    n in red."""
+    panels = [(title, rows) for title, rows in groups.items() if rows]
+    heights = [max(2.0, 0.42 * len(rows) + 1.2) for _, rows in panels] or [2.0]
+    fig, axes = plt.subplots(len(heights), 1, figsize=(7.5, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights})
+    colours = {"acc": "#4c72b0", "auc": "#dd8452"}
+    for ax, (title, rows) in zip(axes[:, 0], panels):
+        names = list(rows)
+        y = np.arange(len(names))
+        for k, metric in enumerate(("acc", "auc")):
+            values = np.array([float(rows[n].get(metric, np.nan)) for n in names], dtype=float)
+            low = np.array([float(rows[n].get(f"{metric}_ci_low", np.nan)) for n in names], dtype=float)
+            high = np.array([float(rows[n].get(f"{metric}_ci_high", np.nan)) for n in names], dtype=float)
+            shown = np.nan_to_num(values, nan=0.0)
+            err = np.vstack([np.clip(shown - np.nan_to_num(low, nan=shown), 0, None), np.clip(np.nan_to_num(high, nan=shown) - shown, 0, None)])
+            small = [0 < int(rows[n].get("n", 0)) < small_n for n in names]
+            offset = (k - 0.5) * 0.38
+            bars = ax.barh(y + offset, shown, height=0.36, color=colours[metric], alpha=0.85)
+            for bar, is_small, value in zip(bars, small, values):
+                if is_small:
+                    bar.set_hatch("///")
+                    bar.set_alpha(0.45)
+                if np.isnan(value):
+                    bar.set_visible(False)
+            ax.errorbar(shown, y + offset, xerr=err, fmt="none", ecolor="black", elinewidth=0.9, capsize=2)
+        labels = [f"{_text(n, 28)} (n={int(rows[n].get('n', 0))})" for n in names]
+        ax.set_yticks(y, labels, fontsize=7)
+        for tick, n in zip(ax.get_yticklabels(), names):
+            if 0 < int(rows[n].get("n", 0)) < small_n:
+                tick.set_color("#c0392b")
+        ax.invert_yaxis()
+        ax.set(xlim=(0, 1.0), title=title)
+        ax.title.set_fontsize(8)
+        ax.grid(axis="x", alpha=0.3)
+    if not panels:
+        _no_curve(axes[0, 0], "groups")
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colours["acc"], label="accuracy"), Patch(color=colours["auc"], label="AUC"),
+               Patch(facecolor="white", edgecolor="grey", hatch="///", label=f"n < {small_n}")]
+    axes[-1, 0].set_xlabel("value (whiskers: 95 % bootstrap interval)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.legend(handles=handles, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    out = atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_score_histograms(df: pd.DataFrame, threshold: float, path: str | Path, max_panels: int = 12) -> Path:
+    """Scores of reals and fakes, overall and per source (the largest sources first, at most
+    ``max_panels`` panels), on 20 bins over [0, 1], with the decision threshold drawn."""
+    scored = df[usable_rows(df)] if len(df) else df
+    panels = [("all", scored)]
+    if len(scored) and scored["source"].nunique() > 1:
+        sizes = scored["source"].astype(str).value_counts()
+        panels += [(name, scored[scored["source"].astype(str) == name]) for name in sizes.index[: max_panels - 1]]
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.8 * ncols, 2.8 * nrows), squeeze=False)
+    edges = np.linspace(0.0, 1.0, 21)
+    for ax, (name, part) in zip(axes.flat, panels):
+        for label, colour, text in ((0, "#27ae60", "real"), (1, "#c0392b", "fake")):
+            values = part.loc[part["label"] == label, "prob"].to_numpy(dtype=float)
+            if len(values):
+                ax.hist(values, bins=edges, color=colour, alpha=0.45, label=f"{text} ({len(values)})")
+        ax.axvline(threshold, color="black", ls="--", lw=1.0, label=f"threshold {threshold:.3f}")
+        ax.set_title(f"{_text(name)} (n={len(part)})", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.supxlabel("P(AI-generated)", fontsize=8)
+    fig.supylabel("files", fontsize=8)
+    fig.tight_layout()
+    out = atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_reliability(df: pd.DataFrame, path: str | Path, bins: int = 10) -> Path:
+    """Reliability diagram (``sklearn.calibration.calibration_curve``, uniform bins): the
+    share of fakes among the files of each score bin against the bin's mean score, the
+    diagonal a calibrated model would follow, and below it how many files each bin holds."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    scored = df[usable_rows(df)] if len(df) else df
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.plot([0, 1], [0, 1], "k:", lw=0.8, label="calibrated")
+    if len(scored) and scored["label"].nunique() == 2:
+        y, p = scored["label"].to_numpy(), scored["prob"].to_numpy(dtype=float)
+        share, mean = calibration_curve(y, p, n_bins=bins, strategy="uniform")
+        top.plot(mean, share, "o-", lw=1.5, label=f"model (Brier {brier_score_loss(y, p):.3f}, n={len(y)})")
+        bottom.hist(p, bins=np.linspace(0, 1, bins + 1), color="#4c72b0", alpha=0.7)
+        top.legend(fontsize=7, loc="upper left")
+    else:
+        _no_curve(top, "reliability curve")
+    top.set(ylabel="share of fakes in the bin", title="Reliability", xlim=(0, 1), ylim=(0, 1))
+    bottom.set(xlabel="mean P(AI-generated) in the bin", ylabel="files")
+    top.grid(alpha=0.3)
+    fig.tight_layout()
+    out = atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def plot_training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
+    """The training run's CSV log (Lightning's ``csv/version_*/metrics.csv``): training loss
+    (per logged step, and its epoch mean) with validation loss, and the validation metrics per
+    epoch, the epoch with the best validation AUC marked."""
+    log = pd.read_csv(metrics_csv)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if "train/loss" in log and "step" in log:
+        steps = log.dropna(subset=["train/loss"])
+        left.plot(steps["step"], steps["train/loss"], lw=0.8, alpha=0.5, label="train loss (logged steps)")
+        if "epoch" in steps:
+            per_epoch = steps.groupby("epoch").agg(step=("step", "max"), loss=("train/loss", "mean"))
+            left.plot(per_epoch["step"], per_epoch["loss"], "o-", lw=1.5, label="train loss (epoch mean)")
+    if "val/loss" in log and "step" in log:
+        val = log.dropna(subset=["val/loss"])
+        left.plot(val["step"], val["val/loss"], "s--", lw=1.5, label="val loss")
+    left.set(xlabel="step", ylabel="loss", title="Loss")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    metrics = [m for m in ("val/auc", "val/acc", "val/balanced_acc", "val/recall_at_90_real_pass") if m in log]
+    if metrics and "epoch" in log:
+        val = log.dropna(subset=[metrics[0]])
+        for m in metrics:
+            right.plot(val["epoch"], val[m], "o-", ms=3, lw=1.2, label=m)
+        if "val/auc" in val and len(val):
+            best = val.loc[val["val/auc"].idxmax()]
+            right.axvline(best["epoch"], color="grey", ls="--", lw=0.8, label=f"best val/auc {best['val/auc']:.3f} (epoch {int(best['epoch'])})")
+    right.set(xlabel="epoch", ylabel="value", title="Validation", ylim=(0, 1.02))
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    right.legend(fontsize=7, loc="lower right")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    out = atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
 
 
 def plot_confusion(report: dict, path: str | Path) -> Path:

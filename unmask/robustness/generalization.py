@@ -1,16 +1,20 @@
 """Leave-one-generator-out (LOGO) generalization and the spec's D_g.
 
 For each held-out generator g, a detector is trained with g's fakes removed from train
-and val (``data.train_generators`` = every other generator; reals are always kept) and
-is tested on the test split's reals plus g's fakes. The baseline is a detector trained
-the same way on every generator, scored on the same images:
+and val (``data.train_generators`` = every other generator; reals are always kept). Two
+figures are reported per g, both ``|Acc' - Acc_base'| / Acc_base'``:
 
-    D_g = |Acc' - Acc_base'| / Acc_base'
+- ``d_g_spec``, the spec's D_g (T/ZFIDA 0003-2024, 7.2.4): *one* service, its accuracy
+  before and after its test data switch to a new attack. The held-out model's accuracy on
+  the test reals plus the fakes of the generators it was trained on (``acc_seen``,
+  Acc_base') against its accuracy on the test reals plus g's fakes (``acc_heldout``, Acc').
+- ``d_g_two_model``, this project's earlier figure: two models on the same images (the
+  test reals plus g's fakes), the held-out model (``acc_heldout``, Acc') against one
+  trained the same way on every generator (``acc_base``, Acc_base').
 
-Acc' is the held-out model's accuracy, Acc_base' the all-generator model's, each at its
-own validation-chosen threshold. The test set is all test reals plus g's fakes, so
-accuracy is dominated by the reals when g has few fakes: read ``fake_acc`` (held-out
-fakes caught) and AUC beside it.
+Each model is scored at its own validation-chosen threshold. The reals are in every test
+set, so accuracy is dominated by them when g has few fakes: read ``fake_acc_*`` (fakes
+caught) and AUC beside it.
 
     python -m unmask.robustness.generalization --out DIR --generators stylegan2 generated_photos sd deepfake \
         -- data=faces_dev trainer.max_epochs=3 ...       (overrides for every train.py run)
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import subprocess
 import sys
 import time
@@ -42,7 +47,31 @@ from unmask.scoring.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
-LOGO_COLUMNS = ("generator", "n_real", "n_fake", "acc_base", "acc_heldout", "d_g", "fake_acc_base", "fake_acc_heldout", "auc_base", "auc_heldout")
+LOGO_COLUMNS = (
+    "generator", "n_real", "n_fake", "n_fake_seen", "acc_seen", "acc_heldout", "d_g_spec", "acc_base", "d_g_two_model",
+    "fake_acc_seen", "fake_acc_heldout", "fake_acc_base", "auc_seen", "auc_heldout", "auc_base",
+)  # fmt: skip
+# What each column is: written into logo.json and, for the two D_g, into logo.md.
+LOGO_QUANTITIES = {
+    "generator": "the held-out generator g",
+    "n_real": "test reals (in every test set below)",
+    "n_fake": "test fakes of g",
+    "n_fake_seen": "test fakes of the generators the held-out model was trained on",
+    "acc_seen": "held-out model, test reals + seen generators' fakes (the spec's Acc_base')",
+    "acc_heldout": "held-out model, test reals + g's fakes (Acc' in both D_g)",
+    "d_g_spec": "the spec's D_g (T/ZFIDA 0003-2024, 7.2.4): |acc_heldout - acc_seen| / acc_seen, one model before and after its test data switch to g",
+    "acc_base": "all-generator model, test reals + g's fakes (the two-model Acc_base')",
+    "d_g_two_model": "two-model comparison (this project's earlier D_g): |acc_heldout - acc_base| / acc_base, on the same images",
+    "fake_acc_seen": "held-out model: share of the seen generators' fakes caught",
+    "fake_acc_heldout": "held-out model: share of g's fakes caught",
+    "fake_acc_base": "all-generator model: share of g's fakes caught",
+    "auc_seen": "held-out model's AUC, test reals + seen generators' fakes",
+    "auc_heldout": "held-out model's AUC, test reals + g's fakes",
+    "auc_base": "all-generator model's AUC, test reals + g's fakes",
+    "balanced_acc_seen": "held-out model, balanced accuracy on test reals + seen fakes",
+    "balanced_acc_heldout": "held-out model, balanced accuracy on test reals + g's fakes",
+    "balanced_acc_base": "all-generator model, balanced accuracy on test reals + g's fakes",
+}
 
 
 def _score(ckpt: str | Path, records, scoring: ScoringConfig) -> tuple[pd.DataFrame, float]:
@@ -50,37 +79,59 @@ def _score(ckpt: str | Path, records, scoring: ScoringConfig) -> tuple[pd.DataFr
     return Scorer(loaded, scoring).score(records, progress=False).usable(), loaded.threshold
 
 
-def logo_table(base_ckpt: str | Path, heldout: dict[str, str | Path], test_records, scoring: ScoringConfig | None = None) -> pd.DataFrame:
-    """One row per held-out generator: both models on that generator's fakes + all reals."""
+def logo_table(
+    base_ckpt: str | Path,
+    heldout: dict[str, str | Path],
+    test_records,
+    scoring: ScoringConfig | None = None,
+    generators: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per held-out generator g (columns: ``LOGO_QUANTITIES``). The held-out model is
+    scored on the whole test split: its reals plus g's fakes, and its reals plus the fakes of
+    the generators it saw (``generators`` minus g; default: every other test generator).
+    The base model is scored on the reals plus g's fakes. ``d_g_spec`` is NaN when no
+    seen generator has test fakes."""
     scoring = scoring or ScoringConfig()
+    test_gens = sorted({r.generator for r in test_records if r.label == 1})
     base_df, base_thr = _score(base_ckpt, test_records, scoring)
     rows = []
     for gen, ckpt in heldout.items():
-        keep = [r for r in test_records if r.label == 0 or r.generator == gen]
-        if not any(r.label == 1 for r in keep):
-            raise ValueError(f"no test fakes of generator {gen!r}; generators here: {sorted({r.generator for r in test_records if r.label == 1})}")
-        paths = {r.path for r in keep}
-        b = base_df[base_df["path"].isin(paths)]
-        h, h_thr = _score(ckpt, keep, scoring)
-        mb = binary_metrics(b["label"], b["prob"], base_thr)
-        mh = binary_metrics(h["label"], h["prob"], h_thr)
+        if gen not in test_gens:
+            raise ValueError(f"no test fakes of generator {gen!r}; generators here: {test_gens}")
+        seen = [g for g in (generators or test_gens) if g != gen]
+        h_df, h_thr = _score(ckpt, test_records, scoring)
+        mh = _metrics(h_df, [gen], h_thr)
+        ms = _metrics(h_df, seen, h_thr)
+        mb = _metrics(base_df, [gen], base_thr)
         rows.append(
             {
                 "generator": gen,
                 "n_real": mh["n_real"],
                 "n_fake": mh["n_fake"],
-                "acc_base": mb["acc"],
+                "n_fake_seen": ms["n_fake"],
+                "acc_seen": ms["acc"],
                 "acc_heldout": mh["acc"],
-                "d_g": generalization_rate(mh["acc"], mb["acc"]),
-                "fake_acc_base": mb["fake_acc"],
+                "d_g_spec": generalization_rate(mh["acc"], ms["acc"]) if ms["n_fake"] else math.nan,  # no seen fakes: no "before"
+                "acc_base": mb["acc"],
+                "d_g_two_model": generalization_rate(mh["acc"], mb["acc"]),
+                "fake_acc_seen": ms["fake_acc"],
                 "fake_acc_heldout": mh["fake_acc"],
-                "auc_base": mb["auc"],
+                "fake_acc_base": mb["fake_acc"],
+                "auc_seen": ms["auc"],
                 "auc_heldout": mh["auc"],
-                "balanced_acc_base": mb["balanced_acc"],
+                "auc_base": mb["auc"],
+                "balanced_acc_seen": ms["balanced_acc"],
                 "balanced_acc_heldout": mh["balanced_acc"],
+                "balanced_acc_base": mb["balanced_acc"],
             }
         )
     return pd.DataFrame(rows)
+
+
+def _metrics(scores: pd.DataFrame, fakes_of: Sequence[str], threshold: float) -> dict:
+    """Metrics on every real of ``scores`` plus the fakes of the generators ``fakes_of``."""
+    rows = scores[(scores["label"] == 0) | ((scores["label"] == 1) & scores["generator"].isin(list(fakes_of)))]
+    return binary_metrics(rows["label"], rows["prob"], threshold)
 
 
 def render_logo_markdown(table: pd.DataFrame) -> str:
@@ -88,14 +139,27 @@ def render_logo_markdown(table: pd.DataFrame) -> str:
     lines = [
         "## Leave-one-generator-out",
         "",
-        "Each row: a model trained without that generator (`heldout`) and one trained on all generators "
-        "(`base`), both on the test reals plus that generator's test fakes, each at its own validation threshold. "
-        "`d_g` = |Acc' - Acc_base'| / Acc_base'.",
+        "Each row: a model trained without generator g (`heldout` model) and one trained on all generators "
+        "(`base` model), each at its own validation threshold; every test set holds all test reals.",
+        "",
+        f"- `d_g_spec`: {LOGO_QUANTITIES['d_g_spec']}; `acc_seen`: {LOGO_QUANTITIES['acc_seen']}.",
+        f"- `d_g_two_model`: {LOGO_QUANTITIES['d_g_two_model']}; `acc_base`: {LOGO_QUANTITIES['acc_base']}.",
         "",
         markdown_table(cols, ([r[c] for c in cols] for _, r in table.iterrows())),
     ]
-    lines += ["", f"Mean D_g: {fmt(float(table['d_g'].mean()))}", ""]
+    lines += ["", f"Mean D_g (spec): {fmt(float(table['d_g_spec'].mean()))}; mean D_g (two-model): {fmt(float(table['d_g_two_model'].mean()))}", ""]
     return "\n".join(lines)
+
+
+def write_logo(out: str | Path, table: pd.DataFrame, overrides: Sequence[str], train_seconds: dict) -> None:
+    """logo.csv, logo.json (the rows, what each column is, the overrides and training times)
+    and logo.md into ``out``."""
+    out = Path(out)
+    atomic_write_text(out / "logo.csv", frame_csv(table))
+    columns = {c: LOGO_QUANTITIES.get(c, "") for c in table.columns}
+    blob = {"overrides": list(overrides), "train_seconds": train_seconds, "columns": columns, "rows": table.to_dict(orient="records")}
+    atomic_write_json(out / "logo.json", blob)
+    atomic_write_text(out / "logo.md", render_logo_markdown(table))
 
 
 def _train(run_dir: Path, overrides: Sequence[str]) -> Path:
@@ -139,10 +203,8 @@ def run_logo(out: str | Path, generators: Sequence[str], overrides: Sequence[str
         cfg = compose("train", [*overrides, "data.limit_per_split=null", f"paths.output_dir={out}"])
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    table = logo_table(base, ckpts, datamodule.records["test"], options(cfg.scoring))
-    atomic_write_text(out / "logo.csv", frame_csv(table))
-    atomic_write_json(out / "logo.json", {"overrides": list(overrides), "train_seconds": seconds, "rows": table.to_dict(orient="records")})
-    atomic_write_text(out / "logo.md", render_logo_markdown(table))
+    table = logo_table(base, ckpts, datamodule.records["test"], options(cfg.scoring), generators)
+    write_logo(out, table, overrides, seconds)
     print(render_logo_markdown(table))
     return table
 

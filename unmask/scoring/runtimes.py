@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -113,16 +114,42 @@ class TorchRuntime:
             return self._forward(image, batch)
 
 
+# Pixels per onnxruntime call on the CPU: 8 images of 128x128. Smaller calls keep a CNN's
+# activations in the CPU caches: EfficientNet-Lite0 at 128 px ran 1.3-1.6x faster per image in
+# calls of 4-8 images than of 64 on the development machine (bench/README.md, issue 18).
+CPU_PIXELS_PER_CALL = 8 * 128 * 128
+
+
+def cpu_micro_batch(height: int, width: int) -> int:
+    """Images per onnxruntime call on the CPU for ``height`` x ``width`` inputs."""
+    return max(1, CPU_PIXELS_PER_CALL // max(1, int(height) * int(width)))
+
+
+def gpu_providers(available: list[str] | None = None) -> list[str]:
+    """onnxruntime's GPU execution providers installed here, fastest first."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+
+
 class OnnxRuntime:
     """An exported detector (``unmask.scoring.onnx_export``) in onnxruntime, all graph
     optimisations on. ``threads``: intra-op threads (default: PyTorch's, i.e. the cores it
     would use). ``spin``: let idle intra-op threads busy-wait; off by default, because the
     DataLoader workers decoding beside the model need those cores (off was ~20 % faster end
-    to end and no slower forward-only on the 2-core development machine)."""
+    to end and no slower forward-only on the 2-core development machine). On the CPU a batch
+    runs in calls of ``micro_batch`` images (default ``cpu_micro_batch``: cache-sized); every
+    job splits its batches the same way, so jobs with the same batches give the same bits.
+    ``device`` cuda uses ``providers`` (default: TensorRT, then CUDA, when installed)."""
 
     name = "onnx"
 
-    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "cpu", spin: bool = False) -> None:
+    def __init__(
+        self, model_path: str | Path, threads: int | None = None, device: str = "cpu", spin: bool = False,
+        micro_batch: int | None = None, providers: list[str] | None = None, cache_dir: str | Path | None = None,
+    ) -> None:
         import onnxruntime as ort
 
         path = Path(model_path)
@@ -132,13 +159,23 @@ class OnnxRuntime:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-        providers = ["CPUExecutionProvider"]
-        if pick_device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        on_gpu = pick_device(device).type == "cuda"
+        chosen: list = list(providers) if providers is not None else (gpu_providers() if on_gpu else [])
+        if "TensorrtExecutionProvider" in chosen:  # engines take minutes to build: keep them
+            engines = Path(cache_dir or path.parent) / "trt_engines"
+            engines.mkdir(parents=True, exist_ok=True)
+            i = chosen.index("TensorrtExecutionProvider")
+            chosen[i] = ("TensorrtExecutionProvider", {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(engines)})
+        self.session = ort.InferenceSession(str(path), options, providers=[*chosen, "CPUExecutionProvider"])
+        self.providers = self.session.get_providers()
         self.input = self.session.get_inputs()[0]
         self.path = path
+        self.on_cpu = self.providers[0] == "CPUExecutionProvider"
+        self.micro_batch = micro_batch
         self.device = torch.device("cpu")  # inputs are handed over as host arrays
+
+    def _run(self, array: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input.name: array})
 
     def __call__(self, image: Tensor, batch: Mapping | None = None) -> RuntimeOutput:
         expected = self.input.shape[-2:]
@@ -148,6 +185,11 @@ class OnnxRuntime:
                 f"{image.shape[-2]}x{image.shape[-1]}; re-export it from the checkpoint"
             )
         array = image.detach().to("cpu", torch.float32).contiguous().numpy()
-        outputs = self.session.run(None, {self.input.name: array})
+        step = self.micro_batch or (cpu_micro_batch(*array.shape[-2:]) if self.on_cpu else len(array))
+        if len(array) <= step:
+            outputs = self._run(array)
+        else:
+            parts = [self._run(array[i : i + step]) for i in range(0, len(array), step)]
+            outputs = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
         class_logits = torch.from_numpy(outputs[1]) if len(outputs) > 1 else None
         return _probabilities(torch.from_numpy(outputs[0]), class_logits)

@@ -9,8 +9,12 @@ localisation metrics and the explanation gallery. So a checkpoint is scored one 
   (``combine.combine_views``);
 - video files become their sampled frames (and the frames' face crops), aggregated per
   video (``configs/video``);
-- the runtime (``scoring.runtime``) gives per view P(fake) and, with an attribution head,
-  the forgery-type probabilities; an explainer, when given, the forgery maps;
+- the runtime (``scoring.runtime``; ``auto``: ``unmask.scoring.choice``) gives per view
+  P(fake) and, with an attribution head, the forgery-type probabilities; an explainer, when
+  given, the forgery maps;
+- whole-image files travel from the DataLoader workers as uint8 pixels, or as JPEG bytes that
+  the GPU decodes (``unmask.scoring.loading``); batch and worker counts default to the machine
+  (``machine_batch_size``, ``machine_workers``);
 - evaluators see every batch as a ``ScoredBatch`` (``update``) and the result as ``Scores``.
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,14 +35,16 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data.dataset import ViewsDataset, collate_views
+from data.dataset import ViewsDataset
 from data.records import Record
 from data.sample import usable_rows
 from data.video import VideoFrameDataset, split_videos
 from unmask.core.checkpoint import LoadedDetector
 from unmask.core.schemas import ScoringConfig
+from unmask.scoring.choice import RuntimeChoice, choose_runtime
 from unmask.scoring.combine import VideoOptions, combine_views, deciding_view, video_file_rows
-from unmask.scoring.runtimes import OnnxRuntime, RuntimeOutput, TorchRuntime, pick_device
+from unmask.scoring.loading import Batches, device_decoding_works
+from unmask.scoring.runtimes import RuntimeOutput, TorchRuntime, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,56 @@ class ScoredBatch:
 
 class Evaluator(Protocol):
     def update(self, scored: ScoredBatch) -> None: ...
+
+
+# Batch sizes when scoring.batch_size is null: 64 files keep a CPU busy without long waits for
+# the first batch; a GPU wants more work per launch.
+CPU_BATCH, GPU_BATCH = 64, 256
+# DataLoader workers decoding beside a model that runs on the same CPU cores yield to it (the
+# kernel's niceness): the model's threads are not pre-empted mid-operator by a decoding worker,
+# and the workers still run whenever the model waits for data (bench/README.md, issue 18).
+WORKER_NICENESS = 10
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def machine_batch_size(device: torch.device) -> int:
+    return GPU_BATCH if device.type == "cuda" else CPU_BATCH
+
+
+def machine_workers(device: torch.device, cores: int | None = None, processes: int | None = None) -> int:
+    """DataLoader workers when scoring.num_workers is null, from this process's share of the
+    cores (``LOCAL_WORLD_SIZE`` scoring processes share the machine).
+
+    With the model on the CPU its threads need the cores. Up to 2 cores: none, the files are
+    decoded in the scoring process between batches (on 2 cores 1.2x the end-to-end rate of one
+    worker and 1.3x two: a worker only takes cores from the model and adds the hand-over,
+    bench/README.md, issue 18). More cores: one worker per 4 (decoding is ~1/3 of the work of
+    a CPU pass of the default detector). With the model on a GPU decoding is the work: every
+    core but the scoring process's, at most 16."""
+    cores = cores or available_cores()
+    processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    share = max(1, cores // max(1, processes))
+    if device.type == "cuda":
+        return max(1, min(16, share - 1))
+    return 0 if share <= 2 else max(1, share // 4)
+
+
+def _yield_to_model(worker_id: int) -> None:
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError:  # not allowed here: same priority
+        pass
+
+
+def runs_on_cpu(runtime) -> bool:
+    on_cpu = getattr(runtime, "on_cpu", None)
+    return bool(on_cpu) if on_cpu is not None else getattr(runtime, "device", torch.device("cpu")).type == "cpu"
 
 
 @dataclass
@@ -159,6 +216,7 @@ class Scorer:
             video = dataclasses.replace(video, face_crops=loaded.faces.frame_crops)
         self.video = video
         self._runtime = None
+        self.runtime_choice: RuntimeChoice | None = None
 
     # ---- runtimes ---------------------------------------------------------------------
     @property
@@ -169,13 +227,11 @@ class Scorer:
         return self._runtime
 
     def build_runtime(self):
-        o = self.options
-        if o.runtime == "onnx":
-            from unmask.scoring.onnx_export import ensure_onnx, refuse_export
-
-            refuse_export(self.loaded.detector)
-            return OnnxRuntime(ensure_onnx(self.loaded, o.onnx_model), device=o.device)
-        return TorchRuntime(self.loaded.detector, device=o.device, amp=o.amp, compile=o.compile)
+        """The runtime ``scoring.runtime`` asks for (``auto``: ``choice.choose_runtime``);
+        the choice and its reason are logged and kept in ``runtime_choice``."""
+        self.runtime_choice = choose_runtime(self.loaded, self.options)
+        log.info("%s", self.runtime_choice.line())
+        return self.runtime_choice.runtime
 
     def eager_runtime(self, detector=None) -> TorchRuntime:
         """Eager PyTorch on the scoring device, e.g. around an attacked detector (attacks
@@ -187,17 +243,29 @@ class Scorer:
     def device(self) -> torch.device:
         return pick_device(self.options.device)
 
+    @property
+    def batch_size(self) -> int:
+        """``scoring.batch_size``, or by the device (``machine_batch_size``)."""
+        return int(self.options.batch_size or machine_batch_size(self.device))
+
+    @property
+    def num_workers(self) -> int:
+        """``scoring.num_workers``, or from the machine (``machine_workers``)."""
+        n = self.options.num_workers
+        return int(n) if n is not None else machine_workers(self.device)
+
     # ---- data -------------------------------------------------------------------------
     def dataset(self, records: list[Record], **kwargs) -> ViewsDataset:
         """The views of ``records`` as this checkpoint scores them; ``kwargs`` go to
         ``ViewsDataset`` (perturbation hooks, shared caches, a forgery augment)."""
         return ViewsDataset(records, self.loaded.canonical, faces=self.loaded.faces, **kwargs)
 
-    def _loader(self, dataset, collate=None, workers: int | None = None) -> DataLoader:
-        o = self.options
+    def _loader(self, dataset, collate=None, workers: int | None = None, runtime=None) -> DataLoader:
+        workers = self.num_workers if workers is None else workers
+        nice = workers > 0 and runtime is not None and runs_on_cpu(runtime)
         return DataLoader(
-            dataset, batch_size=o.batch_size, shuffle=False, num_workers=o.num_workers if workers is None else workers,
-            collate_fn=collate, pin_memory=self.device.type == "cuda",
+            dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers,
+            collate_fn=collate, pin_memory=self.device.type == "cuda", worker_init_fn=_yield_to_model if nice else None,
         )
 
     # ---- the loop -----------------------------------------------------------------------
@@ -226,27 +294,43 @@ class Scorer:
             faces.prepare([r.path for r in dataset.records], progress=progress)
         parts, frames = [], pd.DataFrame()
         if len(dataset):
-            views = self._loop(self._loader(dataset, collate_views), runtime, evaluators, explainer, "images", progress)
+            batches = self.batches(dataset, runtime)
+            source, collate = batches.dataset_and_collate()
+            loader = self._loader(source, collate, runtime=runtime)
+            views = self._loop(loader, runtime, evaluators, explainer, "images", progress, batches.finish)
             parts.append(combine_views(views, faces))
         if videos:
-            frames = self._loop(self._video_loader(videos), runtime, evaluators, explainer, "frames", progress)
+            frames = self._loop(self._video_loader(videos, runtime), runtime, evaluators, explainer, "frames", progress)
             frames = frames.sort_values(["video_id", "timestamp", "crop_index"], kind="stable", na_position="first").reset_index(drop=True)
             parts.append(video_file_rows(frames, self.video.aggregator))
         files = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else pd.DataFrame(columns=FILE_COLUMNS))
         return Scores(files, frames, time.perf_counter() - start, runtime.name, len(dataset), len(videos))
 
-    def _video_loader(self, videos: list[Record]) -> DataLoader:
+    def batches(self, dataset: ViewsDataset, runtime) -> Batches:
+        """How ``dataset``'s batches are made for ``runtime`` (``loading.Batches``)."""
+        eager = isinstance(runtime, TorchRuntime)
+        device = runtime.device if eager else torch.device("cpu")
+        mode = Batches.choose(dataset, self.options.decode, device, eager)
+        channels_last = eager and getattr(runtime, "channels_last", False)
+        if mode == "gpu" and not device_decoding_works(device):
+            log.warning("scoring.decode=%s: decoding on %s does not work here; the DataLoader workers decode", self.options.decode, device)
+            mode = "pixels"
+        return Batches(dataset, mode, device, channels_last)
+
+    def _video_loader(self, videos: list[Record], runtime=None) -> DataLoader:
         v = self.video
         dataset = VideoFrameDataset(videos, self.loaded.canonical, v.sampler, v.face_crops, v.id_column)
         # A worker per video at most: an idle worker only costs start-up time.
-        return self._loader(dataset, workers=min(self.options.num_workers, len(videos)))
+        return self._loader(dataset, workers=min(self.num_workers, len(videos)), runtime=runtime)
 
-    def _loop(self, loader, runtime, evaluators, explainer, kind: str, progress: bool) -> pd.DataFrame:
+    def _loop(self, loader, runtime, evaluators, explainer, kind: str, progress: bool, finish: Callable[[dict], dict] | None = None) -> pd.DataFrame:
         rows: list[dict] = []
         detector = self.loaded.detector
         if explainer is not None:
             detector.to(self.device)  # maps come from the eager detector, whatever the runtime
         for batch in tqdm(loader, desc=f"scoring {kind}", unit="batch", disable=not progress, leave=False):
+            if finish is not None:
+                batch = finish(batch)
             out: RuntimeOutput = runtime(batch["image"], batch)
             ok = torch.as_tensor(batch["meta"]["ok"], dtype=torch.bool).view(-1)
             prob = torch.where(ok, out.prob.float(), torch.full_like(out.prob.float(), math.nan))
@@ -254,6 +338,8 @@ class Scorer:
             if explainer is not None:
                 maps = explainer(detector, batch["image"].to(self.device), batch, out.output)
                 maps = None if maps is None else maps.detach().float().cpu()
+            if evaluators and batch["image"].device.type != "cpu":  # made on the GPU: evaluators get host tensors, as always
+                batch = {**batch, "image": batch["image"].cpu()}
             scored = ScoredBatch(batch, prob, out.class_prob, maps, kind, getattr(explainer, "source", None))
             for evaluator in evaluators:
                 evaluator.update(scored)

@@ -1,8 +1,10 @@
 """evaluate.py's job (and the training run's test step): score a split with a checkpoint
 through the scorer, feed the evaluators, write the report.
 
-Writes ``metrics.json``, ``report.md``, ``predictions.csv`` (one row per file) and
-``roc.png``; with video ``videos.csv`` and ``frames.csv``; with an attribution head
+Writes ``metrics.json``, ``report.md`` (opening with what was evaluated; intervals beside
+accuracy and AUC), ``predictions.csv`` (one row per file) and the plots of
+``evaluation.detection`` (``roc.png``, ``det.png``, ``groups.png``, ``scores.png``,
+``reliability.png``, ``training.png`` when the run has a CSV log); with video ``videos.csv`` and ``frames.csv``; with an attribution head
 ``confusion.png``; when the split has ground-truth masks ``localization.csv``; with a
 perturbation grid ``robustness.csv/json/png``. The output folder is created and checked
 (a folder, writable, some free space) before the checkpoint is loaded; text cells that a
@@ -32,6 +34,7 @@ from unmask.reports.safe import frame_csv
 from unmask.reports.throughput import RunClock, format_throughput, throughput_report
 from unmask.scoring.combine import VideoOptions
 from unmask.scoring.scorer import Scorer
+from unmask.tasks.infer import require_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +106,8 @@ def evaluate_records(
     threshold, how = threshold_in_force(loaded, scoring.threshold, scores.files["prob"].to_numpy() if len(scores.files) else [])
 
     report = {"split": split, "checkpoint": str(ckpt), "seconds": scores.seconds}
-    markdown = [f"# Evaluation on split '{split}'", "", f"Checkpoint `{ckpt}`.", ""]
-    for evaluator in [Detection(how), *evaluators]:
+    markdown = [f"# Evaluation on split '{split}'", ""]
+    for evaluator in [Detection(how, ckpt=ckpt, config=loaded.config, split=split), *evaluators]:
         result = evaluator.compute(scores, threshold)
         if result is None:
             continue
@@ -147,6 +150,7 @@ def run_evaluation(cfg: DictConfig) -> dict | None:
     """``python evaluate.py ckpt=PATH data=... split=test [perturb=spec]``: the data config
     only selects the files; preprocessing and the face stage come from the checkpoint."""
     scoring = options(cfg.scoring)  # a bad value fails here, before anything is loaded
+    require_checkpoint(cfg.ckpt, "evaluate.py")
     video = VideoOptions.from_config(cfg.get("video"))
     perturb = None if is_empty(cfg.get("perturb")) else instantiate(cfg.perturb, _convert_="all")
     datamodule = instantiate(cfg.data)

@@ -1,4 +1,7 @@
-"""infer.py's job: score every file of a folder (or of a manifest) and write the contest file.
+"""infer.py's job: score every file of a folder (or of a manifest, or one image or video
+file) and write the contest file; with a few files (``verdicts``, 20) print a verdict line per
+file. Without ``ckpt`` the error says how to get a checkpoint (``checkpoint_hint``); a slim
+``.safetensors`` (``python -m unmask.slim``) works as a ``.ckpt`` does.
 
 Video files (mp4, avi, mov, webm, mkv, m4v) get one row too: their sampled frames are scored
 and aggregated to one score (``configs/video``). The run's QPS_image / QPS_video are printed
@@ -20,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from data.io import atomic_write_json
-from data.records import ListedFilesSource, Record, UnlabelledFolderSource
+from data.records import UNLABELLED, ListedFilesSource, Record, UnlabelledFolderSource
 from unmask.core.checkpoint import load_detector
 from unmask.core.config import is_empty
 from unmask.core.metrics import decide
@@ -35,7 +38,7 @@ from unmask.reports.contest import (
     write_undecodable,
 )
 from unmask.reports.safe import one_line
-from unmask.reports.tables import fmt
+from unmask.reports.tables import fmt, verdict_lines
 from unmask.reports.throughput import RunClock, format_throughput, throughput_report
 from unmask.scoring.combine import VideoOptions
 from unmask.scoring.scorer import Scorer, Scores
@@ -45,11 +48,59 @@ log = logging.getLogger(__name__)
 
 def input_records(path: Path) -> tuple[list[Record], Path]:
     """Records of ``input`` and the folder names are relative to: a folder (every file
-    below it) or a ``.csv`` manifest listing files (``relpath`` column)."""
+    below it), a ``.csv`` manifest listing files (``relpath`` column), or one file (an image
+    or a video, named in the result by its file name)."""
     if path.is_file() and path.suffix.lower() == ".csv":
         source = ListedFilesSource(str(path))
         return source.records(), source.root
+    if path.is_file():
+        return [Record(str(path), UNLABELLED, source=path.parent.name or ".")], path.parent
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"input folder or file {path} not found: input= takes a folder, one image or video file, or a .csv list of files"
+        )
     return UnlabelledFolderSource(str(path)).records(), path
+
+
+QUICKSTART = "python train.py hydra.run.dir=outputs/quickstart"
+
+
+class MissingCheckpointError(ValueError):
+    """No ``ckpt=`` given; the message says how to get one."""
+
+
+def checkpoint_hint(entry: str = "infer.py") -> str:
+    """What to do without a checkpoint: the quick-start training command (about a minute on
+    2 CPU cores) and the checkpoints already under ``outputs/`` (newest first)."""
+    from unmask.core.config import PROJECT_ROOT
+
+    found = []
+    for pattern in ("outputs/*/checkpoints/best.ckpt", "outputs/*/*/checkpoints/best.ckpt", "outputs/**/*.safetensors"):
+        found += [p for p in PROJECT_ROOT.glob(pattern) if p.is_file()]
+    found = sorted(set(found), key=lambda p: p.stat().st_mtime, reverse=True)[:3]
+
+    def shown(p: Path) -> str:
+        try:
+            return os.path.relpath(p)
+        except ValueError:  # another drive
+            return str(p)
+
+    here = f" Checkpoints already here (newest first): {', '.join(shown(p) for p in found)}." if found else ""
+    return (
+        f"no checkpoint given: pass ckpt=PATH, a .ckpt written by train.py (outputs/train/<run>/checkpoints/best.ckpt) or a "
+        f".safetensors from `python -m unmask.slim CKPT OUT`, e.g. `python {entry} ckpt=outputs/quickstart/checkpoints/best.ckpt`. "
+        f"To get one: `{QUICKSTART}` trains the default detector on the built-in synthetic smoke set in about a minute on "
+        "2 CPU cores and writes outputs/quickstart/checkpoints/best.ckpt (it proves the pipeline, it is no face detector); "
+        "`python train.py experiment=cnnspot_faces_dev` trains the benchmark recipe on ../shared/faces-dev "
+        f"(README, quick start).{here}"
+    )
+
+
+def require_checkpoint(ckpt, entry: str = "infer.py") -> str:
+    """``ckpt`` as a string; a missing one is a ``MissingCheckpointError`` that says how to get one."""
+    if ckpt is None or not str(ckpt).strip():
+        raise MissingCheckpointError(checkpoint_hint(entry))
+    return str(ckpt)
 
 
 def file_names(paths, root: Path) -> list[str]:
@@ -79,6 +130,7 @@ def run_inference(cfg: DictConfig) -> Path:
     explain = None if is_empty(cfg.get("explain")) else options(cfg.explain)
     if cfg.fallback_label not in (0, 1):
         raise ValueError(f"fallback_label must be 0 or 1, got {cfg.fallback_label!r}")
+    require_checkpoint(cfg.ckpt)
     video = VideoOptions.from_config(cfg.get("video"))
     records, names_root = input_records(Path(cfg.input))
     if scoring.scale_out and records:
@@ -135,6 +187,8 @@ def write_sidecars(cfg: DictConfig, out_path: Path, clock: RunClock, scores: Sco
         log.info("scores written to %s", write_scores(out_path, files))
         if len(scores.frames):
             write_frames(out_path, scores.frames.assign(name=file_names(scores.frames["path"], names_root)))
+    if 0 < len(files) <= int(cfg.get("verdicts", 20)):
+        print("\n".join(verdict_lines(files, threshold, int(cfg.fallback_label))))
     print(
         f"wrote {out_path} ({len(files)} rows, {int(np.sum(labels))} labelled AI-generated, threshold {fmt(threshold)}); "
         f"{len(files) / max(scores.seconds, 1e-9):.1f} images/s ({scores.seconds:.1f} s)"
