@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -149,3 +150,12 @@ def write_json_gz(path: str | Path, entries: dict) -> Path:
     """``entries`` as compact gzip JSON at ``path``, atomically (NaN stays NaN)."""
     payload = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     return atomic_write_bytes(path, gzip.compress(payload, compresslevel=3))
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,22 +8,18 @@ run keeps what it found.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 from data.faces.types import Face
-from data.io import read_json_gz, write_json_gz
+from data.io import file_digest, read_json_gz, write_json_gz
 
 log = logging.getLogger(__name__)
 
 
 def content_hash(path: str | Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """The cache's key of a file: the SHA-1 of its bytes."""
+    return file_digest(path, "sha1")
 
 
 class FaceCache:

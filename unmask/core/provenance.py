@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from data.io import atomic_write_json, atomic_write_text
+from data.io import atomic_write_json, atomic_write_text, file_digest
 from data.records import Record
 from unmask.core.config import PROJECT_ROOT
 
@@ -75,12 +75,6 @@ def git_state(root: str | Path = PROJECT_ROOT) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def manifest_of(source: Any) -> Path | None:
@@ -120,7 +114,7 @@ def data_fingerprint(source: Any, records: Mapping[str, Sequence[Record]]) -> di
     }
     manifest = manifest_of(source)
     if manifest is not None:
-        found.update(manifest=str(manifest), manifest_sha256=file_sha256(manifest))
+        found.update(manifest=str(manifest), manifest_sha256=file_digest(manifest, "sha256"))
     return found
 
 
