@@ -159,3 +159,29 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class JsonGzStore:
+    """A table of JSON values by key, kept in one gzip JSON file (``file``; None: in memory
+    only). ``dirty`` counts the entries put since the last ``save``, which writes atomically."""
+
+    def __init__(self, file: str | Path | None, what: str) -> None:
+        self.file = Path(file) if file else None
+        self.entries: dict = read_json_gz(self.file, what) if self.file is not None else {}
+        self.dirty = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def get(self, key: str):
+        return self.entries.get(key)
+
+    def put(self, key: str, value) -> None:
+        self.entries[key] = value
+        self.dirty += 1
+
+    def save(self) -> None:
+        if self.file is None or not self.dirty:
+            return
+        write_json_gz(self.file, self.entries)
+        self.dirty = 0

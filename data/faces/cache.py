@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from data.faces.types import Face
-from data.io import file_digest, read_json_gz, write_json_gz
+from data.io import JsonGzStore, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +22,11 @@ def content_hash(path: str | Path) -> str:
     return file_digest(path, "sha1")
 
 
-class FaceCache:
+class FaceCache(JsonGzStore):
     def __init__(self, analyzer_key: str, cache_dir: str | Path | None = None) -> None:
+        super().__init__(Path(cache_dir) / f"faces-{analyzer_key}.json.gz" if cache_dir else None, "face cache")
         self.analyzer_key = analyzer_key
-        self.file = Path(cache_dir) / f"faces-{analyzer_key}.json.gz" if cache_dir else None
-        self.entries: dict[str, list[dict]] = {}
-        self.dirty = 0
         self.hits = self.misses = 0
-        if self.file is not None:
-            self.entries = read_json_gz(self.file, "face cache")
 
     def get(self, digest: str) -> list[Face] | None:
         found = self.entries.get(digest)
@@ -41,11 +37,4 @@ class FaceCache:
         return [Face.from_dict(d) for d in found]
 
     def put(self, digest: str, faces: list[Face]) -> None:
-        self.entries[digest] = [f.to_dict() for f in faces]
-        self.dirty += 1
-
-    def save(self) -> None:
-        if self.file is None or not self.dirty:
-            return
-        write_json_gz(self.file, self.entries)
-        self.dirty = 0
+        super().put(digest, [f.to_dict() for f in faces])

@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from data.io import read_json_gz, write_json_gz
+from data.io import JsonGzStore
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +40,9 @@ def settings_key(settings: dict) -> str:
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-class AuditCache:
+class AuditCache(JsonGzStore):
     """``get`` / ``put`` rows by file key; ``save`` writes the namespace's file (nothing is
     written when ``directory`` is None: an in-memory cache for ``audit.cache=false``)."""
 
     def __init__(self, directory: str | Path | None, namespace: str) -> None:
-        self.file = Path(directory) / f"{namespace}.json.gz" if directory else None
-        self.entries: dict[str, dict] = {}
-        self.dirty = 0
-        if self.file is not None:
-            self.entries = read_json_gz(self.file, "audit cache")
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
-    def get(self, key: str):
-        return self.entries.get(key)
-
-    def put(self, key: str, value) -> None:
-        self.entries[key] = value
-        self.dirty += 1
-
-    def save(self) -> None:
-        if self.file is None or not self.dirty:
-            return
-        write_json_gz(self.file, self.entries)
-        self.dirty = 0
+        super().__init__(Path(directory) / f"{namespace}.json.gz" if directory else None, "audit cache")
