@@ -15,8 +15,9 @@ each run's wall time, images/s and the runtime the run chose. The first run star
 empty ONNX cache (a private ``UNMASK_CACHE``), so it includes the export where
 ``scoring.runtime=auto`` exports (on a CPU); the later ones reuse it.
 
-Without ``--ckpt`` a checkpoint of the default detector (cnnspot, 128 px) with random
-weights is written once (speed does not depend on the weights). Arguments after ``--`` go
+Without ``--ckpt`` the shipped default model (``unmask/model_zoo/default``) scores, as
+``src/main.py`` does without a checkpoint of its own; ``--random`` writes a checkpoint of the
+default detector (cnnspot, 128 px) with random weights once (speed does not depend on the weights). Arguments after ``--`` go
 to src/main.py (``scoring.runtime=torch``, ``scoring.decode=cpu``, ...).
 
 With fewer than 6,000 images the 6,000-image time is extrapolated, and labelled so: the
@@ -149,14 +150,22 @@ def run_main(folder: Path, ckpt: Path, cache: Path, extra: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=CONTEST_IMAGES)
-    parser.add_argument("--ckpt", default=None, help="a checkpoint (default: cnnspot 128 px, random weights)")
+    parser.add_argument("--ckpt", default=None, help="a checkpoint (default: the shipped default model)")
+    parser.add_argument("--random", action="store_true", help="score with a random-weights cnnspot checkpoint (128 px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=int, default=2, help="runs on the same folder (the first with an empty ONNX cache)")
     parser.add_argument("--startup-images", type=int, default=16, help="files of the fixed-cost run used to extrapolate (0: none)")
     parser.add_argument("overrides", nargs="*", help="key=value arguments for src/main.py (after --)")
     args = parser.parse_args()
 
-    ckpt = Path(args.ckpt).resolve() if args.ckpt else random_checkpoint()
+    if args.ckpt:
+        ckpt = Path(args.ckpt).resolve()
+    elif args.random:
+        ckpt = random_checkpoint()
+    else:
+        from unmask.core.default_model import default_checkpoint
+
+        ckpt = default_checkpoint()
     folder = contest_folder(args.images, args.seed)
     cache = OUT / "cache"
     shutil.rmtree(cache / "onnx", ignore_errors=True)  # the first run exports, as on a fresh machine

@@ -140,11 +140,35 @@ def test_choose_threshold_youden_and_real_pass():
     assert np.mean(fakes >= real_pass) == pytest.approx(0.2)  # the recall reported above
 
 
+def test_source_pass_raises_youden_until_every_real_source_passes():
+    rng = np.random.default_rng(0)
+    portraits = rng.uniform(0.0, 0.3, 40)  # a real source the model finds easy
+    snapshots = np.r_[rng.uniform(0.0, 0.3, 30), rng.uniform(0.5, 0.7, 10)]  # a real source it partly calls AI
+    fakes = rng.uniform(0.4, 1.0, 60)
+    labels = np.r_[np.zeros(80, int), np.ones(60, int)]
+    scores = np.r_[portraits, snapshots, fakes]
+    sources = np.array(["portraits"] * 40 + ["snapshots"] * 40 + ["sd"] * 60)
+    youden = choose_threshold(labels, scores, "youden")
+    assert choose_threshold(labels, scores, "source_pass") == youden  # without sources: youden's
+    t = choose_threshold(labels, scores, "source_pass", sources)
+    assert t > youden
+    for source in ("portraits", "snapshots"):
+        assert np.mean(scores[sources == source] < t) >= 0.95
+    below = np.nextafter(t, -np.inf)  # the lowest such threshold: one step lower, snapshots fail
+    assert np.mean(scores[sources == "snapshots"] < below) < 0.95
+    # a source with fewer than 10 reals does not move it; one already passing leaves youden's
+    few = sources.copy()
+    few[40:] = [f"s{i}" for i in range(40)] + ["sd"] * 60
+    assert choose_threshold(labels, scores, "source_pass", few) == choose_threshold(labels, scores, "youden")
+    with pytest.raises(ValueError, match="differ in length"):
+        choose_threshold(labels, scores, "source_pass", sources[:-1])
+
+
 def test_choose_threshold_edge_cases():
     assert choose_threshold([1, 1], [0.3, 0.9]) == 0.5  # one class: neutral default
     t = choose_threshold([0, 1], [0.2, 0.7])
     assert 0.2 < t <= 0.7 and 0.0 <= t <= 1.0  # never the +inf of roc_curve
-    with pytest.raises(ValueError, match="youden.*real_pass"):
+    with pytest.raises(ValueError, match="youden.*real_pass.*source_pass"):
         choose_threshold([0, 1], [0.2, 0.7], "median")
 
 

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -114,12 +115,16 @@ def test_a_missing_input_says_what_input_takes(tiny_ckpt, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_no_checkpoint_says_how_to_get_one(tmp_path):
+def test_no_checkpoint_and_no_shipped_model_says_how_to_get_one(tmp_path, monkeypatch):
+    from unmask.core import default_model
+
+    monkeypatch.setattr(default_model, "WEIGHTS", tmp_path / "gone.safetensors")  # an install without the shipped file
     cfg = compose("infer", [f"input={tmp_path}", f"output_dir={tmp_path / 'out'}"])
     assert cfg.ckpt is None  # no longer a mandatory '???' that ends in MissingMandatoryValue
     with pytest.raises(MissingCheckpointError) as exc:
         run_inference(cfg)
     message = str(exc.value)
+    assert "gone.safetensors is missing" in message
     assert "pass ckpt=" in message and "python train.py hydra.run.dir=outputs/quickstart" in message
     assert "about a minute on 2 CPU cores" in message and "unmask.slim" in message
     assert not (tmp_path / "out").exists()
@@ -131,13 +136,17 @@ def test_no_checkpoint_says_how_to_get_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_without_a_checkpoint_prints_the_hint_not_a_missing_value(tmp_path):
+def test_cli_without_a_checkpoint_scores_one_file_with_the_shipped_model(tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "photo.jpg")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py")], cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(ROOT / "infer.py"), "input=photo.jpg"], cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True,
+        timeout=300,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "MissingMandatoryValue" not in proc.stderr
-    assert "no checkpoint given" in proc.stderr and "python train.py" in proc.stderr
+    assert "shipped default model" in proc.stdout + proc.stderr
+    (result,) = tmp_path.glob("result_*.xls")
+    assert [row[0] for row in csv.reader(result.open())] == ["photo.jpg"]
 
 
 # ============================================================== 4. typed configs and --help
@@ -533,6 +542,21 @@ def test_slim_file_is_smaller_and_carries_config_and_threshold(tiny_ckpt, slim_f
     assert keys == {k for k in full["state_dict"] if k.startswith("detector.")}
     slim = read_checkpoint(slim_files["fp32"])  # the same dict shape as a .ckpt
     assert set(slim) == {"state_dict", "unmask"} and slim["unmask"]["run_config"] == full["unmask"]["run_config"]
+
+
+def test_a_portable_slim_file_names_no_folder_of_this_machine(tiny_ckpt, slim_files):
+    from unmask.core.slim import write_slim
+
+    full = read_checkpoint(tiny_ckpt)["unmask"]["run_config"]
+    folders = [v for v in full["paths"].values() if str(v).startswith("/")]
+    assert folders and any(f in json.dumps(full) for f in folders)
+    out = write_slim(tiny_ckpt, slim_files["tmp"] / "portable.safetensors", fp16=True, portable=True)
+    config = read_checkpoint(out)["unmask"]["run_config"]
+    text = json.dumps(config)
+    assert not any(f in text for f in folders)
+    assert config["paths"] == {k: f"<{k}>" for k in full["paths"]}
+    assert config["detector"] == full["detector"] and config["canonical"] == full["canonical"]
+    assert load_detector(out).threshold == pytest.approx(load_detector(tiny_ckpt).threshold)
 
 
 def test_slim_file_scores_as_the_checkpoint(tiny_ckpt, slim_files, tmp_path, monkeypatch):

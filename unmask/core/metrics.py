@@ -18,7 +18,9 @@ from sklearn.metrics import (
 )
 
 REAL_PASS_RATE = 0.90  # the financial spec: 90 % of real faces must pass
-THRESHOLD_POLICIES = ("youden", "real_pass")  # see choose_threshold
+THRESHOLD_POLICIES = ("youden", "real_pass", "source_pass")  # see choose_threshold
+SOURCE_PASS_RATE = 0.95  # source_pass: the share of each real source's files that must pass
+SOURCE_PASS_MIN_REALS = 10  # ... counted for sources with at least this many reals
 
 
 def _valid(labels, scores) -> tuple[np.ndarray, np.ndarray]:
@@ -56,20 +58,46 @@ def recall_at_real_pass_rate(labels, scores, pass_rate: float = REAL_PASS_RATE) 
     return float(tpr[ok].max()) if ok.any() else 0.0
 
 
-def choose_threshold(labels, scores, policy: str = "youden") -> float:
-    """Decision threshold from (validation) scores: ``youden`` maximises TPR - FPR, the
-    same as the best balanced accuracy; ``real_pass`` lets 90 % of reals pass."""
+def choose_threshold(labels, scores, policy: str = "youden", sources=None) -> float:
+    """Decision threshold from (validation) scores (a file is AI-generated when its score is
+    at least the threshold): ``youden`` maximises TPR - FPR, the same as the best balanced
+    accuracy; ``real_pass`` lets 90 % of reals pass; ``source_pass`` is youden's, raised where
+    needed until every real source (``sources``, one name per score; those with at least
+    ``SOURCE_PASS_MIN_REALS`` reals) passes at least ``SOURCE_PASS_RATE``. A detector meets
+    real photos of kinds it never saw; a source it already fails in validation is the warning.
+    Without ``sources`` (a training epoch's validation) ``source_pass`` is youden's."""
+    if policy not in THRESHOLD_POLICIES:
+        raise ValueError(f"threshold policy must be one of {THRESHOLD_POLICIES}, got {policy!r}")
+    labels_all = np.asarray(labels).astype(int).ravel()
+    scores_all = np.asarray(scores, dtype=np.float64).ravel()
     labels, scores = _valid(labels, scores)
     if len(np.unique(labels)) < 2:
         return 0.5
     fpr, tpr, thr = roc_curve(labels, scores)
     thr = np.clip(thr, 0.0, 1.0)  # the first threshold is +inf
-    if policy == "youden":
-        return float(thr[int(np.argmax(tpr - fpr))])
     if policy == "real_pass":
         ok = np.flatnonzero(fpr <= 1.0 - REAL_PASS_RATE + 1e-12)
         return float(thr[ok[np.argmax(tpr[ok])]])
-    raise ValueError(f"threshold policy must be 'youden' or 'real_pass', got {policy!r}")
+    threshold = float(thr[int(np.argmax(tpr - fpr))])
+    if policy == "source_pass" and sources is not None:
+        threshold = max(threshold, source_pass_floor(labels_all, scores_all, sources))
+    return threshold
+
+
+def source_pass_floor(labels, scores, sources, rate: float = SOURCE_PASS_RATE, min_reals: int = SOURCE_PASS_MIN_REALS) -> float:
+    """The lowest threshold at which every real source with at least ``min_reals`` reals has
+    at least ``rate`` of them pass (score below the threshold); 0 when there is none."""
+    labels, scores, sources = np.asarray(labels).ravel(), np.asarray(scores, dtype=np.float64).ravel(), np.asarray(sources).ravel()
+    if not (len(labels) == len(scores) == len(sources)):
+        raise ValueError(f"labels, scores and sources differ in length: {len(labels)}, {len(scores)}, {len(sources)}")
+    floor = 0.0
+    for source in np.unique(sources[labels == 0]):
+        real = np.sort(scores[(labels == 0) & (sources == source) & np.isfinite(scores)])
+        if len(real) < min_reals:
+            continue
+        k = math.ceil(rate * len(real))  # the k lowest must pass: the threshold sits just above the k-th
+        floor = max(floor, float(np.nextafter(real[k - 1], np.inf)))
+    return min(floor, 1.0)
 
 
 def binary_metrics(labels, scores, threshold: float = 0.5) -> dict[str, float]:

@@ -39,7 +39,8 @@ def calibrate_threshold(
     if rows["label"].nunique() < 2 if len(rows) else True:
         log.warning("validation has fewer than two classes: the threshold of %s is left at %.4f", ckpt, loaded.threshold)
         return None
-    threshold = float(choose_threshold(rows["label"].to_numpy(), rows["prob"].to_numpy(), options.threshold_policy))
+    sources = rows["source"].to_numpy() if "source" in rows else None
+    threshold = float(choose_threshold(rows["label"].to_numpy(), rows["prob"].to_numpy(), options.threshold_policy, sources))
     how = f"validation split, {len(rows)} files scored as infer.py scores them ({describe_scoring(loaded)}), policy {options.threshold_policy}"
     store_threshold(ckpt, threshold, how)
     log.info("threshold %.4f -> %.4f, chosen on %s", loaded.threshold, threshold, how)

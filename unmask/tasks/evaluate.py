@@ -150,7 +150,7 @@ def run_evaluation(cfg: DictConfig) -> dict | None:
     """``python evaluate.py ckpt=PATH data=... split=test [perturb=spec]``: the data config
     only selects the files; preprocessing and the face stage come from the checkpoint."""
     scoring = options(cfg.scoring)  # a bad value fails here, before anything is loaded
-    require_checkpoint(cfg.ckpt, "evaluate.py")
+    cfg.ckpt = require_checkpoint(cfg.ckpt, "evaluate.py")
     video = VideoOptions.from_config(cfg.get("video"))
     perturb = None if is_empty(cfg.get("perturb")) else instantiate(cfg.perturb, _convert_="all")
     datamodule = instantiate(cfg.data)

@@ -1,7 +1,8 @@
 """infer.py's job: score every file of a folder (or of a manifest, or one image or video
 file) and write the contest file; with a few files (``verdicts``, 20) print a verdict line per
-file. Without ``ckpt`` the error says how to get a checkpoint (``checkpoint_hint``); a slim
-``.safetensors`` (``python -m unmask.slim``) works as a ``.ckpt`` does.
+file. Without ``ckpt`` the shipped default model scores (``unmask.core.default_model``; the
+run says so); where that file is missing the error says how to get a checkpoint
+(``checkpoint_hint``). A slim ``.safetensors`` (``python -m unmask.slim``) works as a ``.ckpt`` does.
 
 Video files (mp4, avi, mov, webm, mkv, m4v) get one row too: their sampled frames are scored
 and aggregated to one score (``configs/video``). The run's QPS_image / QPS_video are printed
@@ -91,16 +92,25 @@ def checkpoint_hint(entry: str = "infer.py") -> str:
         f".safetensors from `python -m unmask.slim CKPT OUT`, e.g. `python {entry} ckpt=outputs/quickstart/checkpoints/best.ckpt`. "
         f"To get one: `{QUICKSTART}` trains the default detector on the built-in synthetic smoke set in about a minute on "
         "2 CPU cores and writes outputs/quickstart/checkpoints/best.ckpt (it proves the pipeline, it is no face detector); "
-        "`python train.py experiment=cnnspot_faces_dev` trains the benchmark recipe on ../shared/faces-dev "
+        "`python train.py experiment=contest` trains the shipped model's recipe on ../shared/faces-dev "
         f"(README, quick start).{here}"
     )
 
 
 def require_checkpoint(ckpt, entry: str = "infer.py") -> str:
-    """``ckpt`` as a string; a missing one is a ``MissingCheckpointError`` that says how to get one."""
-    if ckpt is None or not str(ckpt).strip():
-        raise MissingCheckpointError(checkpoint_hint(entry))
-    return str(ckpt)
+    """``ckpt`` as a string; none given: the shipped default model (checked against its model
+    card, and named in the log), or, where it is missing, a ``MissingCheckpointError`` that says
+    how to get a checkpoint."""
+    if ckpt is not None and str(ckpt).strip():
+        return str(ckpt)
+    from unmask.core.default_model import default_checkpoint
+
+    try:
+        weights = default_checkpoint()
+    except FileNotFoundError as e:
+        raise MissingCheckpointError(f"{e}; {checkpoint_hint(entry)}") from None
+    log.info("no ckpt= given: scoring with the shipped default model %s (model card: %s)", weights, weights.with_name("README.md"))
+    return str(weights)
 
 
 def file_names(paths, root: Path) -> list[str]:
@@ -130,7 +140,7 @@ def run_inference(cfg: DictConfig) -> Path:
     explain = None if is_empty(cfg.get("explain")) else options(cfg.explain)
     if cfg.fallback_label not in (0, 1):
         raise ValueError(f"fallback_label must be 0 or 1, got {cfg.fallback_label!r}")
-    require_checkpoint(cfg.ckpt)
+    cfg.ckpt = require_checkpoint(cfg.ckpt)
     video = VideoOptions.from_config(cfg.get("video"))
     records, names_root = input_records(Path(cfg.input))
     if scoring.scale_out and records:

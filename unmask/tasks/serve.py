@@ -32,6 +32,7 @@ from unmask.core.schemas import options
 from unmask.scoring.shards import resolved_accelerator
 from unmask.service.api import DetectionAPI, refuse_prior_threshold
 from unmask.service.uploads import UploadGate, private_upload_root
+from unmask.tasks.infer import require_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def build_server(cfg: DictConfig):
     for key in ("workers_per_device", "max_batch_size", "max_files", "max_request_mb"):
         if int(cfg[key]) < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[key]!r}")
+    cfg.ckpt = require_checkpoint(cfg.ckpt, "serve.py")  # none given: the shipped default model
     load_detector(cfg.ckpt)  # a bad checkpoint fails here, before any process starts
     upload_root = private_upload_root(cfg.get("upload_dir"))
     token = secrets.token_urlsafe(32)
