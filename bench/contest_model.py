@@ -14,8 +14,9 @@ Stages (a finished stage is reused; overrides go to every train.py run):
 - ``logo``: leave one generator out (``unmask.robustness.generalization``) with the same
   recipe; the ``train`` run is its all-generator base model (``OUT/logo/base`` links to it).
 - ``ship``: the fp16, portable slim file of the selected checkpoint (``python -m unmask.slim
-  --fp16 --portable``) as ``OUT/model.safetensors``, its size and SHA-256, and its score of
-  scikit-image's astronaut (a real NASA portrait no training set of ours contains).
+  --fp16 --portable``) as ``OUT/model.safetensors``, its size and SHA-256, its score of
+  scikit-image's astronaut (a real NASA portrait no training set of ours contains), and the
+  format probe (``format_probe``: PNG test reals scored as PNG and re-saved as JPEG).
 - ``summary``: every target with its figure; ``OUT/summary.json``.
 
 Training minutes are the run's own: from its provenance stamp to its last checkpoint.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +95,40 @@ def ship(out: Path) -> dict:
     scores = Scorer(loaded, ScoringConfig(runtime="torch")).score([Record(str(photo), UNLABELLED, source="skimage")], progress=False)
     prob = float(scores.files["prob"].iloc[0])  # unlabelled: usable() would drop it
     return {"file": str(model), "mb": model.stat().st_size / 1e6, "sha256": file_digest(model, "sha256"), "threshold": loaded.threshold,
-            "astronaut_prob": prob, "astronaut_label": int(prob >= loaded.threshold)}  # fmt: skip
+            "astronaut_prob": prob, "astronaut_label": int(prob >= loaded.threshold),
+            "format_probe": format_probe(model, out / "format_probe")}  # fmt: skip
+
+
+def format_probe(ckpt: Path, folder: Path, n: int = 150, quality: int = 75) -> dict:
+    """The JPEG-format shortcut, probed: faces-dev's first ``n`` PNG test reals (FFHQ
+    thumbnails), scored as they are and re-saved as JPEG at ``quality`` (the StyleGAN2 fakes'
+    quantisation is libjpeg's quality 75). A model that learned "JPEG blocks mean fake" calls
+    the re-saved copies AI-generated; the pass rates should be equal."""
+    from PIL import Image
+
+    from data.records import Record
+    from unmask.core.checkpoint import load_detector
+    from unmask.core.config import PROJECT_ROOT
+    from unmask.core.schemas import ScoringConfig
+    from unmask.scoring.scorer import Scorer
+
+    shared = Path(os.environ.get("UNMASK_SHARED", PROJECT_ROOT.parent / "shared")) / "faces-dev"
+    manifest = pd.read_csv(shared / "MANIFEST.csv")
+    pngs = manifest[(manifest["split"] == "test") & (manifest["label"] == "real") & (manifest["format"].str.upper() == "PNG")].head(n)
+    records = {"png": [], "jpeg": []}
+    for i, rel in enumerate(pngs["relpath"]):
+        dst = folder / f"{i:04d}.jpg"
+        if not dst.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.open(shared / rel).convert("RGB").save(dst, quality=quality)
+        records["png"].append(Record(str(shared / rel), 0, source="png"))
+        records["jpeg"].append(Record(str(dst), 0, source="jpeg"))
+    loaded = load_detector(ckpt)
+    passed = {}
+    for kind, recs in records.items():
+        probs = Scorer(loaded, ScoringConfig(runtime="torch", progress=False)).score(recs, progress=False).usable()["prob"]
+        passed[kind] = float((probs < loaded.threshold).mean())
+    return {"n": len(pngs), "quality": quality, "pass_png": passed["png"], "pass_jpeg": passed["jpeg"]}
 
 
 def summary(out: Path, logo_table: pd.DataFrame | None, shipped: dict | None) -> dict:
@@ -123,6 +158,9 @@ def summary(out: Path, logo_table: pd.DataFrame | None, shipped: dict | None) ->
         target("shipped file, MB", shipped["mb"], TARGETS["mb"], higher=False)
         rows.append({"target": "astronaut (real) probability / label", "value": f"{shipped['astronaut_prob']:.4f} / {shipped['astronaut_label']}",
                      "goal": "label 0", "met": shipped["astronaut_label"] == 0})  # fmt: skip
+        probe = shipped["format_probe"]
+        rows.append({"target": f"format probe: {probe['n']} PNG test reals pass as PNG / re-saved as JPEG q{probe['quality']}",
+                     "value": f"{probe['pass_png']:.4f} / {probe['pass_jpeg']:.4f}", "goal": "equal", "met": None})  # fmt: skip
     blob = {"threshold": test["threshold"], "targets": rows, "shipped": shipped}
     (out / "summary.json").write_text(json.dumps(blob, indent=2, default=str))
     print(f"threshold {test['threshold']:.4f} ({test.get('threshold_from', '')})")
