@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,11 +107,11 @@ def format_probe(ckpt: Path, folder: Path, n: int = 150, quality: int = 75) -> d
 
     from data.records import Record
     from unmask.core.checkpoint import load_detector
-    from unmask.core.config import PROJECT_ROOT
+    from unmask.core.config import shared_dir
     from unmask.core.schemas import ScoringConfig
     from unmask.scoring.scorer import Scorer
 
-    shared = Path(os.environ.get("UNMASK_SHARED", PROJECT_ROOT.parent / "shared")) / "faces-dev"
+    shared = shared_dir() / "faces-dev"
     manifest = pd.read_csv(shared / "MANIFEST.csv")
     pngs = manifest[(manifest["split"] == "test") & (manifest["label"] == "real") & (manifest["format"].str.upper() == "PNG")].head(n)
     records = {"png": [], "jpeg": []}

@@ -206,6 +206,13 @@ def test_experiment_switches_groups(tmp_path):
     assert cfg.task_name == "cnnspot_faces_dev"
 
 
+def test_contest_experiment_is_the_benchmark_recipe_under_its_own_name(tmp_path):
+    contest = OmegaConf.to_container(compose_cfg(["experiment=contest", f"paths.output_dir={tmp_path}"]))
+    bench = OmegaConf.to_container(compose_cfg(["experiment=cnnspot_faces_dev", f"paths.output_dir={tmp_path}"]))
+    assert (contest.pop("task_name"), bench.pop("task_name")) == ("contest", "cnnspot_faces_dev")
+    assert contest == bench
+
+
 @pytest.mark.parametrize("config_name,extra", [("infer", ["ckpt=x.ckpt"]), ("evaluate", ["ckpt=x.ckpt"])])
 def test_entry_configs_compose(config_name, extra, tmp_path):
     cfg = compose_cfg(extra + [f"output_dir={tmp_path}"], config_name=config_name)

@@ -544,6 +544,16 @@ def test_slim_file_is_smaller_and_carries_config_and_threshold(tiny_ckpt, slim_f
     assert set(slim) == {"state_dict", "unmask"} and slim["unmask"]["run_config"] == full["unmask"]["run_config"]
 
 
+def test_portable_config_replaces_folders_only_where_a_path_component_ends():
+    from unmask.core.slim import portable_config
+
+    config = {"paths": {"root_dir": "/work/main", "output_dir": "/work/main/outputs/run"},
+              "data": {"manifest": "/work/main/data.csv", "other": "/work/main2/x.csv", "runs": ["/work/main/outputs/run/a"]}}  # fmt: skip
+    out = portable_config(config)
+    assert out["data"] == {"manifest": "<root_dir>/data.csv", "other": "/work/main2/x.csv", "runs": ["<output_dir>/a"]}
+    assert out["paths"] == {"root_dir": "<root_dir>", "output_dir": "<output_dir>"}
+
+
 def test_a_portable_slim_file_names_no_folder_of_this_machine(tiny_ckpt, slim_files):
     from unmask.core.slim import write_slim
 

@@ -222,9 +222,9 @@ def relocate_machine_paths(node: dict, beside: Path | None = None) -> dict:
     ``shared/``, its cache folder). On another machine: a weight file that is not there is
     looked up by name beside the checkpoint (``beside``: how a submission ships them), then in
     this machine's ``shared/weights``; caches go to this project's."""
-    from unmask.core.config import PROJECT_ROOT
+    from unmask.core.config import PROJECT_ROOT, shared_dir
 
-    shared = Path(os.environ.get("UNMASK_SHARED", PROJECT_ROOT.parent / "shared")) / "weights"
+    shared = shared_dir() / "weights"
     cache = Path(os.environ.get("UNMASK_CACHE", PROJECT_ROOT / ".cache")) / "faces"
 
     def visit(value, key=""):

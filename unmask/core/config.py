@@ -3,6 +3,7 @@ groups, and small instantiation helpers."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,12 @@ from unmask.core import schemas
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
+
+
+def shared_dir() -> Path:
+    """The shared data folder as ``configs/paths/default.yaml`` resolves it: ``$UNMASK_SHARED``,
+    else ``../shared`` beside the project."""
+    return Path(os.environ.get("UNMASK_SHARED", PROJECT_ROOT.parent / "shared"))
 
 
 def safe_dirname(*parts: Any, limit: int = 120) -> str:

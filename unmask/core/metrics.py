@@ -68,19 +68,17 @@ def choose_threshold(labels, scores, policy: str = "youden", sources=None) -> fl
     Without ``sources`` (a training epoch's validation) ``source_pass`` is youden's."""
     if policy not in THRESHOLD_POLICIES:
         raise ValueError(f"threshold policy must be one of {THRESHOLD_POLICIES}, got {policy!r}")
-    labels_all = np.asarray(labels).astype(int).ravel()
-    scores_all = np.asarray(scores, dtype=np.float64).ravel()
-    labels, scores = _valid(labels, scores)
-    if len(np.unique(labels)) < 2:
+    valid_labels, valid_scores = _valid(labels, scores)
+    if len(np.unique(valid_labels)) < 2:
         return 0.5
-    fpr, tpr, thr = roc_curve(labels, scores)
+    fpr, tpr, thr = roc_curve(valid_labels, valid_scores)
     thr = np.clip(thr, 0.0, 1.0)  # the first threshold is +inf
     if policy == "real_pass":
         ok = np.flatnonzero(fpr <= 1.0 - REAL_PASS_RATE + 1e-12)
         return float(thr[ok[np.argmax(tpr[ok])]])
     threshold = float(thr[int(np.argmax(tpr - fpr))])
     if policy == "source_pass" and sources is not None:
-        threshold = max(threshold, source_pass_floor(labels_all, scores_all, sources))
+        threshold = max(threshold, source_pass_floor(labels, scores, sources))  # sources align with the unfiltered rows
     return threshold
 
 

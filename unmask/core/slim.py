@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -44,7 +45,9 @@ def portable_config(run_config: dict) -> dict:
     section, longest first) replaced by ``<key>``: nothing that rebuilds the detector reads
     them, and a shipped file should not carry where it was trained."""
     folders = {key: str(value).rstrip("/") for key, value in (run_config.get("paths") or {}).items() if str(value).startswith("/")}
-    order = sorted(folders.items(), key=lambda kv: len(kv[1]), reverse=True)
+    # Longest first (the run folder may sit inside the project); a folder only where a path
+    # component ends, so /work/main never eats into /work/main2.
+    order = [(key, re.compile(re.escape(folder) + r"(?=/|$)")) for key, folder in sorted(folders.items(), key=lambda kv: len(kv[1]), reverse=True)]
 
     def strip(value):
         if isinstance(value, dict):
@@ -53,7 +56,7 @@ def portable_config(run_config: dict) -> dict:
             return [strip(v) for v in value]
         if isinstance(value, str):
             for key, folder in order:
-                value = value.replace(folder, f"<{key}>")
+                value = folder.sub(f"<{key}>", value)
         return value
 
     out = strip({k: v for k, v in run_config.items() if k != "paths"})

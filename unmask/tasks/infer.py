@@ -103,13 +103,13 @@ def require_checkpoint(ckpt, entry: str = "infer.py") -> str:
     how to get a checkpoint."""
     if ckpt is not None and str(ckpt).strip():
         return str(ckpt)
-    from unmask.core.default_model import default_checkpoint
+    from unmask.core import default_model
 
     try:
-        weights = default_checkpoint()
+        weights = default_model.default_checkpoint()
     except FileNotFoundError as e:
         raise MissingCheckpointError(f"{e}; {checkpoint_hint(entry)}") from None
-    log.info("no ckpt= given: scoring with the shipped default model %s (model card: %s)", weights, weights.with_name("README.md"))
+    log.info("no ckpt= given: scoring with the shipped default model %s (model card: %s)", weights, default_model.CARD)
     return str(weights)
 
 
