@@ -31,6 +31,7 @@ import concurrent.futures as cf
 import dataclasses
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,6 +272,7 @@ def main() -> None:
           f"in {video_wall:.2f} s (in-process {local_video_wall:.2f} s); answers equal the in-process scores "
           f"(largest probability difference {worst:.1e}); target QPS_image ratio >= {TARGET_RATIO}: "
           f"{'met' if ratio_image >= TARGET_RATIO else 'NOT met'}")
+    shutil.rmtree(work, ignore_errors=True)  # the files and serve.log; kept when a check above failed
 
 
 if __name__ == "__main__":

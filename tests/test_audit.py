@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import unmask.core.config
@@ -26,7 +27,7 @@ from data.faces.pipeline import FacePipeline
 from data.faces.types import Face, FaceAnalyzer, TemplateFaceAnalyzer
 from data.records import Record
 from data.synthetic import natural_image
-from unmask.audit import attack, consistency, diversity, image_quality, measures, regions, video
+from unmask.audit import attack, consistency, diversity, identity, image_quality, measures, regions, video
 from unmask.audit.cache import AuditCache
 from unmask.audit.measures import MeasureContext, measure_file
 from unmask.audit.run import audit
@@ -85,6 +86,9 @@ def test_blurring_lowers_sharpness_face_quality_and_every_local_quality(astronau
     turned = Face(astro_face.box, 1.0, (astro_face.landmarks @ m[:, :2].T + m[:, 2]).astype(np.float32))
     assert face_row(cv2.warpAffine(astronaut, m, (512, 512)), turned)["roll"] == pytest.approx(sharp["roll"] - 20, abs=1.0)
     assert 0.0 < sharp["face_quality"] <= 100.0 and sharp["completeness"] == 1.0
+    cut = np.ascontiguousarray(astronaut[:, : int(astro_face.landmarks[:, 0].mean())])  # half the face out of the frame
+    half = face_row(cut, astro_face)
+    assert 0.3 < half["completeness"] < 0.7 and half["face_quality"] < sharp["face_quality"] - 20
 
 
 @needs_mesh
@@ -207,25 +211,57 @@ def test_akd_is_zero_for_a_rigid_face_and_grows_with_jitter():
     assert video.average_keypoint_distance(jitter) > 0.01
 
 
-def test_video_file_gets_video_measures(tmp_path):
+def write_video(path: Path, frames: list[np.ndarray]) -> Path:
     av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
+        for arr in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
+        container.mux(stream.encode())
+    return path
 
-    def write(path: Path, frames: list[np.ndarray]) -> Path:
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("mpeg4", rate=10)
-            stream.height, stream.width = frames[0].shape[:2]
-            stream.pix_fmt, stream.bit_rate = "yuv420p", 4_000_000
-            for arr in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")))
-            container.mux(stream.encode())
-        return path
 
+def test_video_file_gets_video_measures(tmp_path):
     ctx = MeasureContext(video_frames=12)
-    smooth = measure_file(Record(str(write(tmp_path / "smooth.mp4", sliding_frames(n=12))), 1), ctx)
-    cut = measure_file(Record(str(write(tmp_path / "cut.mp4", sliding_frames(jump_at=6, n=12))), 1), ctx)
+    smooth = measure_file(Record(str(write_video(tmp_path / "smooth.mp4", sliding_frames(n=12))), 1), ctx)
+    cut = measure_file(Record(str(write_video(tmp_path / "cut.mp4", sliding_frames(jump_at=6, n=12))), 1), ctx)
     assert smooth["ok"] and smooth["kind"] == "video" and smooth["n_frames"] == 12
     assert cut["motion_continuity"] < smooth["motion_continuity"] - 0.3
     assert math.isnan(smooth["akd"])  # no face stage: no landmarks
+
+
+@pytest.fixture(scope="module")
+def identity_weights(tmp_path_factory) -> Path:
+    """A local InceptionResnetV1 state dict as the user supplies it (facenet-pytorch's layout,
+    with the ``logits.`` head the loader drops), randomly initialised and stored in fp16: it
+    proves the loading and the plumbing, not what the embeddings mean."""
+    from facenet_pytorch import InceptionResnetV1
+
+    torch.manual_seed(0)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in InceptionResnetV1(classify=False).state_dict().items()}
+    state |= {"logits.weight": torch.zeros(2, 512, dtype=torch.half), "logits.bias": torch.zeros(2, dtype=torch.half)}
+    path = tmp_path_factory.mktemp("identity") / "inception_resnet_v1.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_identity_measures_with_a_local_inception_resnet_v1_file(tmp_path, astronaut, identity_weights):
+    with pytest.raises(FileNotFoundError, match="audit.identity_weights"):
+        identity.IdentityModel(tmp_path / "missing.pt")
+    model = identity.IdentityModel(identity_weights)
+    chip = identity.face_chip(astronaut, Face(np.array([150, 20, 330, 230], np.float32), 1.0, np.zeros((0, 2), np.float32)))
+    e = model.embed([chip, chip, np.ascontiguousarray(chip[::-1])])
+    assert e.shape == (3, 512) and np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-4)
+    assert identity.cosine(e[0], e[1]) == pytest.approx(1.0, abs=1e-5) and identity.consistency(e[:2]) == pytest.approx(1.0, abs=1e-5)
+    ctx = MeasureContext(faces=FacePipeline(TemplateFaceAnalyzer(), cache_dir=None), identity=model, video_frames=8)
+    Image.fromarray(astronaut).save(tmp_path / "a.png")
+    image = measure_file(Record(str(tmp_path / "a.png"), 1), ctx, reference=str(tmp_path / "a.png"))
+    assert image["ok"] and image["identity_similarity"] == pytest.approx(1.0, abs=1e-4)  # 7.1.14: the file is its own reference
+    clip = measure_file(Record(str(write_video(tmp_path / "v.mp4", sliding_frames(n=8))), 1), ctx)
+    assert clip["ok"] and -1.0 <= clip["identity_consistency"] <= 1.0 + 1e-6  # 7.1.17
+    assert clip["akd"] < 1e-3  # the template "face" is rigid: geometric coherence (7.1.16) is perfect
 
 
 # ---------------------------------------------------------------- attack capability, failures, cache
@@ -337,6 +373,7 @@ def test_audit_end_to_end_writes_three_files_and_a_second_run_is_instant(tiny_ck
     for clause in ("7.1.3", "7.1.4", "7.1.5", "7.1.6", "7.1.7", "7.1.8", "7.1.9", "7.1.10", "7.1.11", "7.1.12", "7.1.13"):
         assert clause in report, clause
     assert "audit.identity_weights" in report  # the report says why the identity measures are absent
+    assert not {"identity_similarity", "identity_consistency"} & set(table)  # and their columns are
     assert (out / "hist_by_class.png").is_file() and (out / "attack_capability.png").is_file()
     assert first["measured"] == 16 and first["detector_scores"]["scored"] == 8
 

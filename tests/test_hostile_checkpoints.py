@@ -140,6 +140,71 @@ def test_the_allowlist(monkeypatch):
     assert is_trusted("torch.jit.load") and is_trusted("my_pkg.D") and not is_trusted("torch.load")
 
 
+def test_a_class_only_reachable_through_an_allowed_module_is_refused(real_ckpt, tmp_path):
+    """``data.canonical.io.FileIO`` is ``io.FileIO`` (data.canonical imports io): with mode w
+    it emptied a file, as ``builtins.open`` did (audit of issue 17)."""
+    assert not is_trusted("data.canonical.io.FileIO") and not is_trusted("torch.nn.modules.module.torch.jit.ScriptModule")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    detector = copy.deepcopy(real_ckpt["unmask"]["run_config"]["detector"])
+    detector["x"] = {"_target_": "data.canonical.io.FileIO", "file": str(victim), "mode": "w"}
+    with pytest.raises(UntrustedTargetError, match=r"detector\.x\._target_='data\.canonical\.io\.FileIO'"):
+        load_detector(_save(_with_detector(real_ckpt, detector), tmp_path / "e.ckpt"))
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "node, why",
+    [
+        ({"weights_only": False, "pretrained": "{second}"}, "weights_only=False"),
+        ({"_args_": ["ViT-B-32", "{second}"]}, "positional arguments"),
+        ({"pretrained": "{second}"}, "pretrained="),
+        ({"pretrained_image_path": "{second}"}, "pretrained_image_path="),
+    ],
+    ids=["weights_only_false", "positional", "pretrained_file", "tower_file"],
+)
+def test_a_factory_in_a_stored_config_builds_an_architecture_only(real_ckpt, tmp_path, node, why):
+    """``open_clip.create_model(pretrained=FILE, weights_only=False)`` unpickled a second file
+    (its __reduce__ ran) though the factory is allowlisted (audit of issue 17)."""
+    marker = tmp_path / "pwned"
+    second = _save({"x": RunsCode(marker)}, tmp_path / "second.pt")
+    node = {k: ([a.format(second=second) for a in v] if isinstance(v, list) else v.format(second=second) if isinstance(v, str) else v) for k, v in node.items()}
+    detector = copy.deepcopy(real_ckpt["unmask"]["run_config"]["detector"])
+    detector["x"] = {"_target_": "open_clip.create_model", "model_name": "ViT-B-32", **node}
+    with pytest.raises(UntrustedTargetError, match=rf"detector\.x\._target_='open_clip\.create_model' with {why}"):
+        load_detector(_save(_with_detector(real_ckpt, detector), tmp_path / "f.ckpt"))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("value, why", [("hf-hub:someone/model", "names a model hub"), ("${oc.env:HOME}", "interpolation")])
+def test_hub_names_and_interpolations_in_a_stored_config_are_refused(real_ckpt, tmp_path, value, why):
+    detector = copy.deepcopy(real_ckpt["unmask"]["run_config"]["detector"])
+    detector["backbone"] = value
+    with pytest.raises(UntrustedTargetError, match=rf"detector\.backbone: .*{why}"):
+        load_detector(_save(_with_detector(real_ckpt, detector), tmp_path / "g.ckpt"))
+
+
+def test_a_pickled_call_of_a_blocked_module_is_refused_without_torchs_advice(real_ckpt, tmp_path):
+    """``os.system`` in the pickle: torch's message had no "WeightsUnpickler error:" part and
+    the error quoted its advice to re-run with weights_only=False (audit of issue 17)."""
+
+    class System:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    ckpt = copy.deepcopy(real_ckpt)
+    ckpt["unmask"]["payload"] = System()
+    with pytest.raises(CheckpointError, match=r"refused.*Python objects.*unsupported GLOBAL") as info:
+        load_detector(_save(ckpt, tmp_path / "h.ckpt"))
+    assert "weights_only" not in str(info.value) and not (tmp_path / "pwned").exists()
+
+
+def test_a_url_given_to_load_detector_is_refused_as_remote():
+    """``Path("http://x")`` reads ``http:/x``: the check comes before (infer.py passes a string)."""
+    with pytest.raises(CheckpointError, match="local files only"):
+        load_detector("http://example.com/model.ckpt")
+
+
 # ---- 4. no traffic at run time -----------------------------------------------------------------
 def test_importing_the_package_turns_off_the_albumentations_update_check():
     """Any connection attempt while albumentations is imported after the package is recorded."""

@@ -127,6 +127,23 @@ def test_evaluate_outputs_neutralise_formulas(tiny_ckpt, tmp_path, monkeypatch):
     assert "| =HYPERLINK" not in report
 
 
+def test_audit_csv_neutralises_formulas(tmp_path):
+    """audit.csv (added after the issue) was written with a bare ``to_csv`` (audit of issue 17)."""
+    from unmask.audit.measures import MeasureContext
+    from unmask.audit.run import audit
+
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [
+        Record(str(bad.good_png(data / name, seed=i)), label=i % 2, source='=HYPERLINK("http://x")', generator="+gen")
+        for i, name in enumerate(["a.png", "b.png"])
+    ]
+    audit(records, MeasureContext(), tmp_path / "audit", cache_dir=tmp_path / "cache", progress=False)
+    table = pd.read_csv(tmp_path / "audit" / "audit.csv")
+    assert table["source"].tolist() == ["'=HYPERLINK(\"http://x\")"] * 2 and table["generator"].tolist() == ["'+gen"] * 2
+    assert pd.api.types.is_numeric_dtype(table["label"])
+
+
 # --------------------------------------------------------------- item 9: line breaks in names
 
 

@@ -4,7 +4,8 @@
   undecodable files and videos), and a re-run with the same key scores nothing again;
 - infer.py streamed: a run whose shards were partly lost scores only the missing chunks and
   writes the same files as before, under a new result name;
-- two processes (Lightning's ddp, gloo on the CPU) write exactly the rows of one process;
+- two processes (Lightning's ddp, gloo on the CPU) write exactly the rows of one process,
+  also resuming with fewer pending chunks than ranks;
 - kill -9 half way, then the same command again: the result files are identical to an
   uninterrupted run's, and the killed run's empty result claim is gone;
 - memory stays flat as the number of files grows (one chunk of rows at a time);
@@ -129,18 +130,26 @@ def test_streamed_infer_equals_the_one_process_files_and_resumes_only_missing_ch
 def test_two_ddp_processes_write_exactly_the_rows_of_one_process(tiny_ckpt, tmp_path):
     root = make_folder(tmp_path / "in", 13)
     one = run_inference(infer_cfg(tiny_ckpt, root, tmp_path / "one"))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "infer.py"), f"ckpt={tiny_ckpt}", f"input={root}", f"output_dir={tmp_path / 'two'}",
-         "scoring.accelerator=cpu", "scoring.devices=2", "scoring.strategy=ddp", "scoring.shard_size=4", "scoring.batch_size=4",
-         "scoring.num_workers=0", "scoring.progress=false", "scores=true"],
-        cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, errors="replace", timeout=300,
-    )
+    command = [sys.executable, str(ROOT / "infer.py"), f"ckpt={tiny_ckpt}", f"input={root}", f"output_dir={tmp_path / 'two'}",
+               "scoring.accelerator=cpu", "scoring.devices=2", "scoring.strategy=ddp", "scoring.shard_size=4", "scoring.batch_size=4",
+               "scoring.num_workers=0", "scoring.progress=false", "scores=true"]
+    proc = subprocess.run(command, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     assert "on 2 process(es)" in proc.stdout + proc.stderr
     assert results(tmp_path / "two") == results(one)
-    assert len(list((tmp_path / "two").glob("result_*.xls"))) == 1  # rank one claimed no result of its own
+    (first,) = (tmp_path / "two").glob("result_*.xls")  # rank one claimed no result of its own
     (folder,) = (tmp_path / "two" / "shards").iterdir()
-    assert len(list(folder.glob("chunk_*.json"))) == 4  # 16 files in chunks of 4, shared by the two ranks
+    chunks = sorted(folder.glob("chunk_*.json"))
+    assert len(chunks) == 4  # 16 files in chunks of 4, shared by the two ranks
+
+    # Fewer pending chunks than ranks (a resume with one chunk lost; also any input under
+    # 2 * shard_size files): the idle rank takes a no-op step and the run completes.
+    chunks[2].unlink()
+    again = subprocess.run(command, cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, errors="replace", timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:] + again.stdout[-2000:]
+    assert "3 of 4 chunks" in again.stdout + again.stderr and chunks[2].is_file()
+    (second,) = set((tmp_path / "two").glob("result_*.xls")) - {first}
+    assert results(second) == results(one)
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """Issue 14, parts 1 and 4: the detection service (serve.py on LitServe).
 
 One server runs for the module (``serve.py`` as a process, on a free loopback port, with an
-API key and small limits) and is stopped at the end: its process group must be gone and its
-upload folder empty. Against it:
+API key, small limits and two inference workers on the CPU) and is stopped at the end: its
+process group must be gone and its upload folder empty. Against it:
 
 - every file's JSON equals infer.py's row for the same file (label, probability, threshold,
   the fallback for undecodable files), with requests sent concurrently;
@@ -10,6 +10,10 @@ upload folder empty. Against it:
   broken multipart) and hostile files, sent concurrently, get their status or their per-file
   error while the good files of the same request are scored; the server stays healthy;
 - ``?heatmap=1`` adds a PNG of the forgery map.
+
+In-process, one batch of several requests (what LitServe's dynamic batching hands a worker)
+through a checkpoint with a face stage and an attribution head: each request gets its own
+entries, with ``n_faces``, ``type`` and ``type_prob`` equal to infer.py's.
 """
 from __future__ import annotations
 
@@ -81,7 +85,7 @@ def server(tiny_ckpt, tmp_path_factory):
     env = {**SUBPROCESS_ENV, "UNMASK_API_KEY": KEY}
     log = open(uploads.parent / "serve.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "serve.py"), f"ckpt={tiny_ckpt}", f"port={port}", "max_batch_size=8", "batch_timeout=0.05",
+        [sys.executable, str(ROOT / "serve.py"), f"ckpt={tiny_ckpt}", f"port={port}", "workers_per_device=2", "max_batch_size=8", "batch_timeout=0.05",
          "max_request_mb=1", "max_files=6", f"upload_dir={uploads}", "threads=1", "scoring.batch_size=8"],
         cwd=uploads, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
@@ -131,6 +135,23 @@ def post(url: str, paths: list[Path], headers=AUTH, **kwargs):
 def test_health_answers_without_the_key_once_the_model_is_loaded(server):
     response = requests.get(f"{server['url']}/health", timeout=10)
     assert response.status_code == 200 and response.text == "ok"
+    if Path("/proc").is_dir():  # workers_per_device=2: two inference workers (spawned) in the server's group
+        assert len(_spawned_in_group(server["proc"].pid)) == 2
+
+
+def _spawned_in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[2]) == pgid and b"spawn_main" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.slow
@@ -251,6 +272,62 @@ def test_a_payload_that_did_not_come_through_the_gate_is_refused(tmp_path):
     assert "refused" in api.decode_request({"token": "secret", "files": [{"name": "a", "path": str(tmp_path / ".." / "x")}]})
     ok = api.decode_request({"token": "secret", "files": [{"name": "a", "path": str(tmp_path / "req-1" / "0000.jpg")}], "heatmap": 1})
     assert ok["heatmap"] is True and ok["files"][0]["name"] == "a"
+
+
+def test_one_batch_of_several_requests_answers_each_with_faces_and_type_as_infer_py(tmp_path):
+    """What a worker gets from LitServe's dynamic batching: several requests' jobs (one of
+    them refused) in one ``predict``; a checkpoint with a face stage and an attribution head."""
+    import shutil
+
+    import pandas as pd
+    import torch
+
+    from conftest import TINY_TRAIN_OVERRIDES
+    from data.io import atomic_path
+    from unmask.core.checkpoint import FORMAT
+    from unmask.core.schemas import options
+    from unmask.tasks.train import build_module
+
+    cfg = compose("train", TINY_TRAIN_OVERRIDES + ["attribution=coarse", "faces=template", "faces.crop=true", "faces.whole_image=true",
+                                                   f"hydra.run.dir={tmp_path}", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    module = build_module(cfg)  # untrained: the plumbing, not the accuracy
+    ckpt = tmp_path / "faces_type.ckpt"
+    with atomic_path(ckpt) as tmp:
+        torch.save({"state_dict": module.state_dict(),
+                    "unmask": {"format": FORMAT, "run_config": module.run_config, "threshold": 0.5, "threshold_from": "test"}}, tmp)
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(4):
+        (bad.good_jpeg if i % 2 else bad.good_png)(root / f"good_{i}.{'jpg' if i % 2 else 'png'}", seed=i)
+    bad.BAD_FILES["random_bytes.jpg"](root / "random_bytes.jpg")
+    result = run_inference(compose("infer", [f"ckpt={ckpt}", f"input={root}", f"output_dir={tmp_path / 'out'}", "scores=true",
+                                             "scoring.num_workers=0", "scoring.batch_size=8", "scoring.progress=false"]))
+    want = pd.read_csv(result.with_suffix(".scores.csv")).set_index("name")
+    labels = {row.split(",")[0]: int(row.split(",")[1]) for row in result.read_text().splitlines()}
+
+    uploads = tmp_path / "uploads"
+    shutil.copytree(root, uploads / "req-1")
+    api = DetectionAPI(str(ckpt), options(compose("serve", [f"ckpt={ckpt}"]).scoring), None, token="tok", upload_root=str(uploads))
+    api.setup("cpu")
+    names = sorted(p.name for p in root.iterdir())
+
+    def job(group: list[str]) -> dict:
+        return {"token": "tok", "files": [{"name": n, "path": str(uploads / "req-1" / n)} for n in group]}
+
+    answers = api.predict([api.decode_request(job(names[:2])), api.decode_request({"token": "guess"}), api.decode_request(job(names[2:]))])
+
+    assert len(answers) == 3 and answers[1] == {"error": "this payload did not come through the upload gate", "files": []}
+    assert [e["name"] for e in answers[0]["files"]] == names[:2] and [e["name"] for e in answers[2]["files"]] == names[2:]
+    for entry in answers[0]["files"] + answers[2]["files"]:
+        row = want.loc[entry["name"]]
+        assert entry["label"] == labels[entry["name"]] and entry["ok"] == bool(row["ok"]), entry
+        if not entry["ok"]:  # random_bytes.jpg: its own error entry, the batch went on
+            assert entry["prob"] is None and entry["type"] is None and "random_bytes.jpg" in entry["error"]
+            continue
+        assert entry["prob"] == pytest.approx(row["prob"], abs=2e-6)
+        assert entry["n_faces"] == row["n_faces"] == 1  # the template face stage found its one face
+        assert entry["type"] == row["type"] and entry["type"] in api.scorer.loaded.detector.class_names
+        assert entry["type_prob"] == pytest.approx(row["type_prob"], abs=2e-6)
 
 
 def test_a_share_threshold_is_refused_by_the_service(tiny_ckpt, tmp_path):

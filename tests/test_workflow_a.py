@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -338,8 +339,15 @@ def test_wandb_gets_config_test_metrics_and_a_predictions_table(tmp_path, cache_
 
     assert wandb.run is None  # the run was finished: a sweep's next job starts its own
     run = next(tmp_path.rglob("offline-run-*"))
-    stream = next(run.glob("*.wandb")).read_bytes()
     listing = json.loads((tmp_path / "provenance.json").read_text())["data"]["listing_sha256"]
+    # finish() can return a few milliseconds before wandb's service has flushed the offline
+    # stream (seen on a loaded machine: the file still held its 7-byte header): wait for it.
+    deadline = time.monotonic() + 30
+    while True:
+        stream = next(run.glob("*.wandb")).read_bytes()
+        if all(m in stream for m in (listing.encode(), b"test/auc", b"test/predictions")) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert listing.encode() in stream  # the config with its provenance
     assert b"test/auc" in stream and b"test/predictions" in stream
     n_test = json.loads((tmp_path / "test" / "metrics.json").read_text())["overall"]["n"]
@@ -489,4 +497,5 @@ def test_unmask_train_help_runs_from_any_folder(tmp_path):
     proc = subprocess.run([command, "--help"], cwd=tmp_path, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "detector" in proc.stdout and "hparams_search" in proc.stdout
+    assert proc.stdout.startswith("train.py: ") and "_schema" not in proc.stdout and "== Config ==" not in proc.stdout  # not Hydra's dump
     assert not os.listdir(tmp_path)  # --help writes nothing

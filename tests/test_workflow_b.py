@@ -61,7 +61,7 @@ def _rows(result: Path) -> list[list[str]]:
 # ============================================================== 3. inputs as people give them
 
 
-VERDICT = re.compile(r"^(?P<name>\S+)\s+(?P<verdict>AI-generated|real)\s+p=(?P<p>\d\.\d+)\s+\(threshold (?P<t>\d\.\d\d)(?P<rest>.*)\)$")
+VERDICT = re.compile(r"^(?P<name>\S+)\s+(?P<verdict>AI-generated|real)\s+p=(?P<p>\d\.\d+)\s+\(threshold (?P<t>\d\.\d\d+)(?P<rest>.*)\)$")
 
 
 def test_a_single_image_is_scored_and_named_by_its_file_name(tiny_ckpt, tmp_path, capsys):
@@ -107,6 +107,25 @@ def test_few_files_get_a_verdict_each_many_get_the_summary(tiny_ckpt, tmp_path, 
     lines = capsys.readouterr().out.splitlines()
     assert not [ln for ln in lines if VERDICT.match(ln) or ln.startswith("broken.jpg")]
     assert any(ln.startswith("wrote ") and "4 rows" in ln for ln in lines)
+
+
+def test_a_verdict_line_never_contradicts_its_numbers():
+    """p and the threshold are printed to the digits that tell them apart: ``p=0.499`` is never
+    shown beside ``threshold 0.50`` for a file the threshold 0.4957 labels AI-generated."""
+    from unmask.reports.tables import verdict_lines
+
+    threshold = 0.4957
+    probs = [0.82, 0.499, 0.4941, 0.4957, 0.501, 0.12, 0.49571, 0.495698]
+    rows = [{"name": f"f{i}.png", "prob": p, "decision": int(p >= threshold), "ok": True} for i, p in enumerate(probs)]
+    lines = verdict_lines(rows, threshold)
+    for line, p in zip(lines, probs):
+        match = VERDICT.match(line)
+        assert match, line
+        shown_p, shown_t = float(match["p"]), float(match["t"])
+        assert (match["verdict"] == "AI-generated") == (shown_p >= shown_t) == (p >= threshold), line
+        assert shown_p == pytest.approx(p, abs=0.005) and shown_t == pytest.approx(threshold, abs=0.005)
+    assert lines[0].endswith("p=0.82  (threshold 0.50)")  # two decimals where they suffice
+    assert "p=0.499  (threshold 0.496)" in lines[1]
 
 
 def test_a_missing_input_says_what_input_takes(tiny_ckpt, tmp_path):
@@ -176,7 +195,11 @@ def test_a_wrong_type_fails_at_composition_naming_the_key(overrides, key, tmp_pa
 
 @pytest.mark.parametrize(
     "config_name,overrides,key",
-    [("evaluate", ["data.batch_size=abc"], "data.batch_size"), ("infer", ["video.sampler.fps=fast"], "video.sampler.fps")],
+    [
+        ("evaluate", ["data.batch_size=abc"], "data.batch_size"),
+        ("infer", ["video.sampler.fps=fast"], "video.sampler.fps"),
+        ("infer", ["explain=gallery", "explain.limit=many"], "explain.limit"),  # explain: infer.py's group
+    ],
 )
 def test_other_entry_points_compose_the_same_schemas(config_name, overrides, key, tmp_path):
     with pytest.raises(ConfigCompositionException) as exc:
@@ -225,6 +248,14 @@ def test_help_text_is_made_from_the_yaml_comments():
     evaluate = render("evaluate")
     assert "perturb" in evaluate and "data" in evaluate and "split=test" in evaluate
     assert "optimizer" not in evaluate and "trainer" not in evaluate
+    train = render("train")  # train.py --help (configs/hydra/help/train.yaml), not Hydra's config dump
+    assert "_schema" not in train and "task_name" not in train  # schemas are no options
+    assert re.search(r"^  hparams_search\s+cnnspot_optuna$", train, re.M)
+    assert re.search(r"experiment=contest\s+The contest recipe", train) and "experiment.task_name" not in train  # recipes: a line each
+    assert "augment.transforms=[HorizontalFlip, ColorJitter, GaussianBlur]" in train  # a list of transforms: one line
+    assert re.search(r"trainer\.max_epochs=3$", train, re.M) and re.search(r"trainer\.strategy=auto\s+ddp", train)  # cpu extends default
+    for group in ("explain", "perturb", "audit"):  # groups train.py does not read
+        assert not re.search(rf"^  {group}\s", train, re.M), group
 
 
 @pytest.mark.slow

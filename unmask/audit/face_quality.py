@@ -28,7 +28,7 @@ GENERIC_FACE_3D = np.array([(0.0, 0.0, 0.0), (0.0, -330.0, -65.0), (-225.0, 170.
 # Sub-score scales of the face quality (each sub-score is in [0, 1]).
 IOD_RANGE = (15.0, 60.0)  # inter-ocular distance in pixels: 0 at or below the first, 1 at or above the second
 SHARPNESS_HALF = 100.0  # Laplacian variance of the normalised face that scores 0.5
-BRIGHTNESS_IDEAL = (100.0, 170.0)  # mean grey of the face that scores 1; 0 at 0 and 255
+BRIGHTNESS_IDEAL = (100.0, 170.0)  # mean grey of the face that scores 1; falls by 1/100 per grey level: 0 at 0 and 270
 CONTRAST_FULL = 40.0  # grey standard deviation of the face that scores 1
 POSE_LIMIT = 45.0  # |yaw| or |pitch| in degrees that scores 0
 

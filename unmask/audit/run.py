@@ -18,6 +18,7 @@ from unmask.audit import attack, report
 from unmask.audit.cache import AuditCache, file_key, settings_key
 from unmask.audit.measures import MeasureContext, measure_file, reference_path
 from unmask.core.schemas import ScoringConfig
+from unmask.reports.safe import frame_csv
 from unmask.scoring.combine import VideoOptions
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def audit(records: list[Record], ctx: MeasureContext, out_dir: str | Path, detec
     }
     summary = report.summarise(table, info, attack_summary)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "audit.csv", table.to_csv(index=False))
+    atomic_write_text(out / "audit.csv", frame_csv(table))  # formula-looking names and sources neutralised
     if len(table):
         report.write_pictures(table, summary, out)
     atomic_write_json(out / "audit.json", summary)

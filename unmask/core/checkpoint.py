@@ -144,8 +144,11 @@ def read_checkpoint(path: str | Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch's text suggests weights_only=False; only the unpickler's own reason is useful here.
-        reason = str(e).split("WeightsUnpickler error:")[-1].strip().split("\n")[0][:300]
-        if "Unsupported global" not in reason:
+        # A global of a blocked module (os.system) comes without the "WeightsUnpickler error:" prefix.
+        lines = [line.strip() for line in str(e).split("WeightsUnpickler error:")[-1].splitlines()]
+        lines = [line for line in lines if line and not line.startswith(("Weights only load failed", "Check the documentation"))]
+        reason = next((line for line in lines if "unsupported global" in line.lower()), lines[0] if lines else "unpickling failed")[:300]
+        if "unsupported global" not in reason.lower():
             raise CheckpointError(f"{path}: not a readable checkpoint ({reason}); expected {EXPECTED}") from None
         # A pickled object (a class, a function): from other software, or crafted to run code.
         raise CheckpointError(
@@ -186,8 +189,8 @@ def stored_threshold(ckpt: dict, path: str | Path = "checkpoint") -> float:
 def load_detector(path: str | Path) -> LoadedDetector:
     """Rebuild the detector (with its wrappers), the canonicaliser and the face stage of a
     checkpoint, with its trained weights and threshold, in eval mode on the CPU."""
+    ckpt = read_checkpoint(path)  # before Path(): it would fold "http://" into "http:/"
     path = Path(path)
-    ckpt = read_checkpoint(path)
     config = alias_targets(ckpt["unmask"]["run_config"])
     threshold = stored_threshold(ckpt, path)
     for group in ("detector", *WRAPPERS, "canonical", "faces"):  # the parts loading builds

@@ -26,6 +26,7 @@ MAX_GROUP_KEYS = 24  # a group's keys shown before "... (N more)"
 HIDDEN_KEYS = {"task_name"}  # set by the entry config for its run folder, not by a user
 
 _KEY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w]*)\s*:\s*(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
+_ITEM = re.compile(r"^(?P<indent>\s*)-\s+(?P<key>[A-Za-z_][\w]*)\s*:\s*(?P<value>[^#]*?)\s*(?:#.*)?$")
 _DEFAULT = re.compile(r"^\s*-\s*(?P<group>[\w/@]+)\s*:\s*(?P<option>[\w.\-]+|null)\s*(?:#\s?(?P<comment>.*))?$")
 
 
@@ -53,9 +54,21 @@ def yaml_entries(path: Path) -> list[Entry]:
     lines = path.read_text(encoding="utf-8").splitlines()
     out: list[Entry] = []
     stack: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
-    skipping = None  # indent of a skipped node (defaults, hydra)
+    skipping = None  # indent of a skipped node (defaults, hydra, a list item's mapping)
+    lists: dict[str, Entry] = {}  # a list of mappings (augment.transforms): one entry naming its items
     for i, line in enumerate(lines):
-        if not line.strip() or line.strip().startswith("#") or line.strip().startswith("-"):
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        if line.strip().startswith("-"):
+            item = _ITEM.match(line)
+            if item and stack and (skipping is None or len(item["indent"].expandtabs()) <= skipping):
+                skipping = len(item["indent"].expandtabs())  # the item's own keys are not the group's
+                parent = ".".join(k for _, k in stack)
+                if parent not in lists:
+                    lists[parent] = Entry(parent, "", _comment_block(lines, i))
+                    out.append(lists[parent])
+                name = item["value"].rsplit(".", 1)[-1] if item["key"] == "_target_" else f"{item['key']}: {item['value']}"
+                lists[parent].value = f"{lists[parent].value[:-1]}, {name}]" if lists[parent].value else f"[{name}]"
             continue
         match = _KEY.match(line)
         if not match:
@@ -101,11 +114,46 @@ def defaults_groups(path: Path) -> list[tuple[str, str, str]]:
     return groups
 
 
+def is_global(path: Path) -> bool:
+    """An option file in ``# @package _global_`` (a recipe: experiment, hparams_search): its keys
+    are the whole config's, not its group's."""
+    return any(line.strip().replace(" ", "") == "#@package_global_" for line in path.read_text(encoding="utf-8").splitlines()[:3])
+
+
+def option_keys(path: Path, seen: frozenset = frozenset()) -> list[Entry]:
+    """The keys an option file sets, those of the options of its own group that it extends
+    first (``trainer/cpu.yaml``: ``defaults: [default]``); a later file's key replaces an earlier's."""
+    merged: dict[str, Entry] = {}
+    for base, _, _ in defaults_list(path):
+        base_file = path.parent / f"{base}.yaml"
+        if "/" not in base and ":" not in base and base_file.is_file() and base_file not in seen:
+            merged.update((e.key, e) for e in option_keys(base_file, seen | {path}))
+    for e in yaml_entries(path):
+        old = merged.get(e.key)
+        merged[e.key] = Entry(e.key, e.value, e.comment or (old.comment if old else ""))
+    return list(merged.values())
+
+
+def defaults_list(path: Path) -> list[tuple[str, str, str]]:
+    """The plain entries (``- NAME``) of a file's defaults list, as (name, "", "")."""
+    out, inside = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if re.match(r"^defaults\s*:", line):
+            inside = True
+            continue
+        if inside and line and not line.startswith((" ", "-", "#")):
+            break
+        match = re.match(r"^\s*-\s*(?P<name>[\w.\-]+)\s*(?:#.*)?$", line) if inside else None
+        if match and match["name"] != "_self_":
+            out.append((match["name"], "", ""))
+    return out
+
+
 def _first_comment(path: Path) -> str:
     for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip().startswith("#"):
             text = line.strip().lstrip("#").strip()
-            if text and not text.startswith(("python ", "...")):
+            if text and not text.startswith(("python ", "...", "@package")):
                 return text
         elif line.strip():
             break
@@ -169,9 +217,13 @@ def render(entry: str) -> str:
         default_file = folder / f"{default}.yaml"
         describe = comment or (_first_comment(default_file) if default_file.is_file() else "")
         lines += ["", _line(group, f"{shown}"), f"      {describe}" if describe else ""]
+        recipes = [n for n in names if is_global(folder / f"{n}.yaml")]
+        if recipes:  # recipes set keys all over the config: one line per option instead
+            lines += [_line(f"{group}={n}", _first_comment(folder / f"{n}.yaml"), indent=6) for n in recipes]
+            continue
         # the keys, as the default option sets them (or the first option that sets any)
         for candidate in [default_file] + [folder / f"{n}.yaml" for n in names]:
-            keys = [e for e in yaml_entries(candidate) if e.value] if candidate.is_file() else []
+            keys = [e for e in option_keys(candidate) if e.value] if candidate.is_file() else []
             if keys:
                 break
         if keys and candidate != default_file:

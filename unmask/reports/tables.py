@@ -95,12 +95,13 @@ def grouped_tables(
     ]
 
 
-def _prob_text(p: float, threshold: float) -> str:
-    """``p`` to 2 decimals, more where 2 would read as the threshold itself."""
-    for digits in (2, 3, 4):
+def _prob_text(p: float, threshold: float) -> tuple[str, str]:
+    """``p`` and the threshold to 2 decimals, both to more where 2 would read as equal: the
+    printed numbers never contradict the verdict (``p=0.499`` beside ``threshold 0.50``)."""
+    for digits in (2, 3, 4, 5, 6):
         if round(p, digits) != round(threshold, digits):
             break
-    return f"{p:.{digits}f}"
+    return f"{p:.{digits}f}", f"{threshold:.{digits}f}"
 
 
 def verdict_lines(files, threshold: float, fallback_label: int = 0) -> list[str]:
@@ -128,7 +129,8 @@ def verdict_lines(files, threshold: float, fallback_label: int = 0) -> list[str]
             out.append(f"{name:<{width}}  undecodable   ({reason}; labelled {label} by fallback_label={int(fallback_label)})")
             continue
         verdict = "AI-generated" if int(row["decision"]) == 1 else "real"
-        details = [f"threshold {threshold:.2f}"]
+        p_text, threshold_text = _prob_text(float(row["prob"]), float(threshold))
+        details = [f"threshold {threshold_text}"]
         frames = row.get("n_frames")
         if frames is not None and not (isinstance(frames, float) and math.isnan(frames)):
             details.append(f"{int(frames)} frame{'s' if int(frames) != 1 else ''}")
@@ -136,5 +138,5 @@ def verdict_lines(files, threshold: float, fallback_label: int = 0) -> list[str]
         if faces is not None and not (isinstance(faces, float) and math.isnan(faces)):
             faces = int(faces)
             details.append("no face: whole image" if faces == 0 else f"{faces} face{'s' if faces != 1 else ''}")
-        out.append(f"{name:<{width}}  {verdict:<12}  p={_prob_text(float(row['prob']), float(threshold))}  ({', '.join(details)})")
+        out.append(f"{name:<{width}}  {verdict:<12}  p={p_text}  ({', '.join(details)})")
     return out

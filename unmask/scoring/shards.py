@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 SHARD_FORMAT = 1
 SHARDS_DIR = "shards"
+NO_CHUNK = -1  # the one step of a rank that has no chunk to score
 
 
 # ---- what decides the scores: the shard folder's key -------------------------------------------
@@ -300,7 +301,10 @@ class ShardedScoring(pl.LightningModule):
     def predict_dataloader(self) -> DataLoader:
         strategy = self.trainer.strategy
         pending = strategy.broadcast(self.store.pending() if self.trainer.global_rank == 0 else None, src=0)
-        mine = pending[self.trainer.global_rank :: self.trainer.world_size]
+        # A rank with no chunk (fewer pending chunks than ranks) still takes one step, a no-op
+        # (-1): Lightning refuses an empty loader on one rank of several, and every rank must
+        # reach the barrier of on_predict_end.
+        mine = pending[self.trainer.global_rank :: self.trainer.world_size] or [NO_CHUNK]
         done = self.store.n_chunks - len(pending)
         if self.trainer.global_rank == 0:
             log.info(
@@ -309,8 +313,10 @@ class ShardedScoring(pl.LightningModule):
             )
         return DataLoader(mine, batch_size=None, shuffle=False, num_workers=0)
 
-    def predict_step(self, chunk, batch_idx: int = 0) -> ChunkResult:
+    def predict_step(self, chunk, batch_idx: int = 0) -> ChunkResult | None:
         chunk = int(chunk)
+        if chunk == NO_CHUNK:
+            return None
         images, videos = split_videos(self.records[chunk * self.size : (chunk + 1) * self.size])
         image_scores = self.scorer.score(images) if images else None
         video_scores = self.scorer.score(videos) if videos else None
@@ -334,8 +340,9 @@ class ShardWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.store = store
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: ChunkResult, batch_indices, batch, batch_idx, dataloader_idx) -> None:
-        self.store.write(prediction)
+    def write_on_batch_end(self, trainer, pl_module, prediction: ChunkResult | None, batch_indices, batch, batch_idx, dataloader_idx) -> None:
+        if prediction is not None:  # None: an idle rank's no-op step
+            self.store.write(prediction)
 
 
 def scale_out_trainer(scoring: ScoringConfig, callbacks: Sequence[pl.Callback] = ()) -> pl.Trainer:
