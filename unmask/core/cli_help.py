@@ -98,17 +98,25 @@ def yaml_entries(path: Path) -> list[Entry]:
     return out
 
 
-def defaults_groups(path: Path) -> list[tuple[str, str, str]]:
-    """(group, default option, comment) of a config's defaults list; ``hydra`` and ``override``
-    entries are left out."""
-    groups, inside = [], False
+def _defaults_lines(path: Path) -> list[str]:
+    """The lines of a config file's top-level ``defaults:`` list."""
+    lines, inside = [], False
     for line in path.read_text(encoding="utf-8").splitlines():
         if re.match(r"^defaults\s*:", line):
             inside = True
-            continue
-        if inside and line and not line.startswith((" ", "-", "#")):
+        elif inside and line and not line.startswith((" ", "-", "#")):
             break
-        match = _DEFAULT.match(line) if inside else None
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def defaults_groups(path: Path) -> list[tuple[str, str, str]]:
+    """(group, default option, comment) of a config's defaults list; ``hydra`` and ``override``
+    entries are left out."""
+    groups = []
+    for line in _defaults_lines(path):
+        match = _DEFAULT.match(line)
         if match and "/" not in match["group"] and match["group"] != "hydra":
             groups.append((match["group"], match["option"], (match["comment"] or "").strip()))
     return groups
@@ -136,14 +144,9 @@ def option_keys(path: Path, seen: frozenset = frozenset()) -> list[Entry]:
 
 def defaults_list(path: Path) -> list[tuple[str, str, str]]:
     """The plain entries (``- NAME``) of a file's defaults list, as (name, "", "")."""
-    out, inside = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if re.match(r"^defaults\s*:", line):
-            inside = True
-            continue
-        if inside and line and not line.startswith((" ", "-", "#")):
-            break
-        match = re.match(r"^\s*-\s*(?P<name>[\w.\-]+)\s*(?:#.*)?$", line) if inside else None
+    out = []
+    for line in _defaults_lines(path):
+        match = re.match(r"^\s*-\s*(?P<name>[\w.\-]+)\s*(?:#.*)?$", line)
         if match and match["name"] != "_self_":
             out.append((match["name"], "", ""))
     return out
