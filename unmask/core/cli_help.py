@@ -132,7 +132,7 @@ def option_keys(path: Path, seen: frozenset = frozenset()) -> list[Entry]:
     """The keys an option file sets, those of the options of its own group that it extends
     first (``trainer/cpu.yaml``: ``defaults: [default]``); a later file's key replaces an earlier's."""
     merged: dict[str, Entry] = {}
-    for base, _, _ in defaults_list(path):
+    for base in defaults_list(path):
         base_file = path.parent / f"{base}.yaml"
         if "/" not in base and ":" not in base and base_file.is_file() and base_file not in seen:
             merged.update((e.key, e) for e in option_keys(base_file, seen | {path}))
@@ -142,13 +142,13 @@ def option_keys(path: Path, seen: frozenset = frozenset()) -> list[Entry]:
     return list(merged.values())
 
 
-def defaults_list(path: Path) -> list[tuple[str, str, str]]:
-    """The plain entries (``- NAME``) of a file's defaults list, as (name, "", "")."""
+def defaults_list(path: Path) -> list[str]:
+    """The plain entries (``- NAME``) of a file's defaults list."""
     out = []
     for line in _defaults_lines(path):
         match = re.match(r"^\s*-\s*(?P<name>[\w.\-]+)\s*(?:#.*)?$", line)
         if match and match["name"] != "_self_":
-            out.append((match["name"], "", ""))
+            out.append(match["name"])
     return out
 
 
