@@ -285,11 +285,6 @@ def _npr_per_image(images: list[np.ndarray]) -> np.ndarray:
     return npr_residual(x).abs().mean((1, 2, 3)).numpy()
 
 
-def _npr_statistic(images: list[np.ndarray]) -> float:
-    """The mean of ``_npr_per_image`` over the images (all of one size)."""
-    return float(_npr_per_image(images).mean())
-
-
 def _photo_like(rng: np.random.Generator, size: int) -> np.ndarray:
     """Smooth colour content with fine texture (what an up-sampler would copy)."""
     coarse = rng.uniform(0, 255, (6, 6, 3)).astype(np.float32)
@@ -328,8 +323,9 @@ def npr_pipeline_statistics(overrides: list[str], n: int = 32, seed: int = 0) ->
             arr = augment(image=arr)["image"] if augment is not None else arr
             train.append(canonical.encode(arr, train=True))
             evaluation.append(canonical.encode(canonical.finish(resized, train=False), train=False))
-        stats[f"{kind}_train"], stats[f"{kind}_eval"] = _npr_statistic(train), _npr_statistic(evaluation)
-        stats[f"{kind}_train_each"], stats[f"{kind}_eval_each"] = _npr_per_image(train), _npr_per_image(evaluation)
+        for stage, images in (("train", train), ("eval", evaluation)):
+            each = _npr_per_image(images)
+            stats[f"{kind}_{stage}"], stats[f"{kind}_{stage}_each"] = float(each.mean()), each
     return stats
 
 
