@@ -1,5 +1,5 @@
 """The detection service: ``python serve.py ckpt=PATH [port=8000] [workers_per_device=1]
-[max_batch_size=16] [batch_timeout=0.01]``.
+[max_batch_size=16] [batch_timeout=0]``.
 
 ``POST /predict`` scores uploaded images and videos as infer.py would (configs/scoring,
 configs/video); ``GET /health`` answers once the model is loaded (unmask/tasks/serve.py).

@@ -33,7 +33,7 @@ import pytest
 
 import badimages as bad
 from conftest import ROOT, SUBPROCESS_ENV, compose
-from unmask.service.api import DetectionAPI
+from unmask.service.api import DetectionAPI, records_of
 from unmask.service.uploads import stored_name
 from unmask.tasks.infer import run_inference
 
@@ -261,6 +261,23 @@ def test_upload_names_are_made_by_the_server():
     assert stored_name(1, "a.j p g") == "0001"
     assert stored_name(2, "x.verylongsuffix") == "0002"
     assert stored_name(5, "C:\\Users\\x\\evil.png") == "0005.png"
+
+
+def test_a_workers_rows_are_pandas_records_value_for_value():
+    import numpy as np
+    import pandas as pd
+
+    table = pd.DataFrame({
+        "path": ["a.jpg", "b.mp4"], "prob": np.array([0.25, np.nan], np.float32), "label": np.array([1, -1]), "ok": [True, False],
+        "n_faces": [2.0, np.nan], "type": ["gan", ""], "error": ["", "could not be decoded"],
+    })
+    fast, slow = records_of(table), table.to_dict("records")
+    assert len(fast) == 2 and [list(r) for r in fast] == [list(r) for r in slow]
+    for a, b in zip(fast, slow):
+        for key in a:
+            assert type(a[key]) is type(b[key]), key  # Python values, as to_dict gives (json-safe)
+            assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), key
+    assert records_of(table.iloc[:0]) == []
 
 
 def test_a_payload_that_did_not_come_through_the_gate_is_refused(tmp_path):

@@ -1,8 +1,8 @@
 """The inference workers' side of the service: LitServe's ``LitAPI`` around the scorer.
 
 Each worker process loads the checkpoint once (``setup``) and scores the files of a batch of
-requests (LitServe's dynamic batching gathers up to ``max_batch_size`` requests within
-``batch_timeout`` seconds) with the same ``Scorer`` as infer.py: the checkpoint's
+requests (``unmask.service.batching``: every request waiting, up to ``max_batch_size``) with
+the same ``Scorer`` as infer.py: the checkpoint's
 preprocessing and face stage, video frame sampling and aggregation, the threshold rule
 (``unmask.core.metrics.decide``) and the fallback label for a file that cannot be decoded.
 So a file's JSON entry equals its row of ``infer.py scores=true``.
@@ -44,6 +44,7 @@ from unmask.core.schemas import ScoringConfig
 from unmask.explain.gradcam import ForgeryMaps
 from unmask.scoring.combine import VideoOptions
 from unmask.scoring.scorer import ScoredBatch, Scorer
+from unmask.service.batching import DrainingBatchLoop
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,13 @@ class _Heatmaps:
                 self.maps[meta["path"][view]] = scored.maps[view, 0].numpy()
 
 
+def records_of(table) -> list[dict]:
+    """``table.to_dict("records")`` (the same Python values) at a third of its cost: a worker
+    converts every batch, and its batches are small."""
+    columns = list(table.columns)
+    return [dict(zip(columns, values)) for values in zip(*(table[c].tolist() for c in columns))]
+
+
 def _number(value):
     if value is None:
         return None
@@ -93,9 +101,13 @@ class DetectionAPI(ls.LitAPI):
 
     def __init__(
         self, ckpt: str, scoring: ScoringConfig, video: dict | None, token: str, upload_root: str, fallback_label: int = 0,
-        heatmap_method: str = "auto", loader_workers: int = 0, threads: int | None = None, max_batch_size: int = 16, batch_timeout: float = 0.01,
+        heatmap_method: str = "auto", loader_workers: int = 0, threads: int | None = None, max_batch_size: int = 16, batch_timeout: float = 0.0,
     ) -> None:
-        super().__init__(max_batch_size=int(max_batch_size), batch_timeout=float(batch_timeout), api_path="/predict")
+        batched = int(max_batch_size) > 1
+        super().__init__(
+            max_batch_size=int(max_batch_size), batch_timeout=float(batch_timeout), api_path="/predict",
+            loop=DrainingBatchLoop() if batched else "auto",
+        )
         refuse_prior_threshold(scoring.threshold)
         self.ckpt, self.scoring, self.video_config = str(ckpt), scoring, video
         self.token, self.upload_root = token, str(Path(upload_root).resolve())
@@ -199,11 +211,11 @@ class DetectionAPI(ls.LitAPI):
         mapped = [r for r in images if r.path in heat]
         rows: dict[str, dict] = {}
         if plain:
-            rows.update({r["path"]: r for r in self.scorer.score(plain, progress=False).files.to_dict("records")})
+            rows.update({r["path"]: r for r in records_of(self.scorer.score(plain, progress=False).files)})
         if mapped:
             keep = _Heatmaps()
             scores = self.scorer.score(mapped, evaluators=[keep], explainer=self.maps, runtime=self.scorer.eager_runtime(), progress=False)
-            for r in scores.files.to_dict("records"):
+            for r in records_of(scores.files):
                 r["heatmap"] = png_base64(keep.maps[r["path"]]) if r["path"] in keep.maps else None
                 rows[r["path"]] = r
         return rows

@@ -3,7 +3,7 @@
 LitServe (Lightning's serving engine, on FastAPI and uvicorn) runs HTTP server processes and
 inference worker processes (``workers_per_device`` per device of ``scoring.accelerator`` /
 ``scoring.devices``); requests reach a worker through a queue, and a worker gathers up to
-``max_batch_size`` of them within ``batch_timeout`` seconds into one pass of the scorer.
+``max_batch_size`` of those waiting into one pass of the scorer (``unmask.service.batching``).
 
 - ``POST /predict``: files (multipart field ``files``, or one file's raw bytes with
   ``X-Filename``), ``?heatmap=1`` for forgery maps; JSON per file (``unmask.service.api``).
