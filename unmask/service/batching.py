@@ -20,6 +20,8 @@ from __future__ import annotations
 import time
 from queue import Empty
 
+# LitServe's shutdown sentinel and stop signal are private names: litserve is pinned in
+# pyproject.toml, and tests/test_service_batching.py fails if they change.
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.utils import LitAPIStatus, LoopResponseType
