@@ -17,7 +17,9 @@ spec section 7.2.5 defines them,
 the request latencies (p50, p95, p99), and the same files scored in this process by the
 scorer (``Scorer.score``, the checkpoint already loaded: what infer.py does once it has
 started) in the same run, with the ratio service / in-process. Every answer is checked
-against the in-process scores (label equal, probability within 1e-4).
+against the in-process scores (label equal, probability within 1e-4). Where there is a
+``/proc`` (Linux) it also prints the CPU per image of the client and of every process of the
+service during the image load, and the throughput those costs allow on this machine's CPUs.
 
 The checkpoint: ``--ckpt``, or a cnnspot (the default detector, offline ImageNet weights,
 untrained: speed does not depend on the weights) at 128 px (faces-dev's size), written to
@@ -184,6 +186,34 @@ def load(port: int, files: list[Path], concurrency: int, upload: str = "multipar
     return wall, [r[0] for r in results], {r[1]["name"]: r[1] for r in results}
 
 
+def process_cpu(pgid: int) -> dict[int, tuple[str, float]]:
+    """User + system CPU seconds of every process in the group ``pgid`` (serve.py starts one
+    session: its HTTP servers, LitServe's queue manager and the workers), with a role read from
+    the command line; empty where there is no ``/proc``."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    found = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (name) ": state ppid pgrp ...
+        if int(fields[2]) != pgid:
+            continue
+        pid = int(entry.name)
+        role = "main" if pid == pgid else "inference worker" if "multiprocessing.spawn" in command else "HTTP server or queue manager"
+        found[pid] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def cpu_per_image(before: dict, after: dict, client_seconds: float, n: int) -> list[tuple[str, float]]:
+    """(process, ms of CPU per image) between two ``process_cpu`` readings, the client first."""
+    rows = [("client (this process)", client_seconds)]
+    rows += [(f"{role} {pid}", seconds - before.get(pid, (role, 0.0))[1]) for pid, (role, seconds) in sorted(after.items())]
+    return [(name, 1000.0 * seconds / n) for name, seconds in rows]
+
+
 def percentiles(latencies: list[float]) -> tuple[float, float, float]:
     if not latencies:
         return (float("nan"),) * 3
@@ -250,7 +280,9 @@ def main() -> None:
         proc = start_server(ckpt, port, args, extra, log_file)
         try:
             load(port, images[: args.concurrency * 2], args.concurrency, args.upload)  # warm-up
+            before, client_start = process_cpu(proc.pid), time.process_time()
             image_wall, image_latencies, image_answers = load(port, images, args.concurrency, args.upload)
+            accounting = cpu_per_image(before, process_cpu(proc.pid), time.process_time() - client_start, len(images))
             video_wall, video_latencies, video_answers = load(port, videos, args.concurrency, args.upload) if videos else (0.0, [], {})
         finally:
             stop_server(proc)
@@ -289,6 +321,10 @@ def main() -> None:
           f"in {video_wall:.2f} s (in-process {local_video_wall:.2f} s); answers equal the in-process scores "
           f"(largest probability difference {worst:.1e}); target QPS_image ratio >= {TARGET_RATIO}: "
           f"{'met' if ratio_image >= TARGET_RATIO else 'NOT met'}")
+    if len(accounting) > 1:
+        total = sum(ms for _, ms in accounting)
+        print("\nCPU per image during the image load (ms): " + "; ".join(f"{name} {ms:.2f}" for name, ms in accounting if ms >= 0.005)
+              + f"; all {total:.2f}, so at most {os.cpu_count() * 1000.0 / total:.0f} images/s on {os.cpu_count()} CPUs")
     shutil.rmtree(work, ignore_errors=True)  # the files and serve.log; kept when a check above failed
 
 
